@@ -1,0 +1,192 @@
+"""Stage a key's current rows and diff them against the snapshot, inside the database.
+
+The staged rows live in a temporary table on the run's store connection. The diff is
+one set query (a left join for entries and value changes, NOT EXISTS for exits) whose
+rows are either counted and previewed (a dry run) or inserted into `changes` as
+pending, to be paged through and sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import (
+    Column,
+    Connection,
+    Insert,
+    MetaData,
+    Select,
+    String,
+    Table,
+    Text,
+    and_,
+    case,
+    exists,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    union_all,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+from audience_sync.store.schema import changes, snapshot
+
+_temporary = MetaData()
+
+staged = Table(
+    "staged",
+    _temporary,
+    Column("user_id", String(255), primary_key=True),
+    Column("value", Text, nullable=False),
+    prefixes=["TEMPORARY"],
+)
+
+_CREATE_STAGED = (
+    "CREATE TEMPORARY TABLE IF NOT EXISTS staged "
+    "(user_id VARCHAR(255) PRIMARY KEY, value TEXT NOT NULL)"
+)
+
+
+@dataclass
+class DiffCounts:
+    """How many users entered, left, changed value, or are re-sent unchanged."""
+
+    entered: int = 0
+    exited: int = 0
+    changed: int = 0
+    resent: int = 0
+
+    @property
+    def total(self) -> int:
+        """Every change the diff produced."""
+        return self.entered + self.exited + self.changed + self.resent
+
+
+def start_staging(connection: Connection) -> None:
+    """Create the staging table on this connection, or empty the one already there."""
+    connection.exec_driver_sql(_CREATE_STAGED)
+    connection.execute(staged.delete())
+
+
+def _insert_ignoring_duplicates(connection: Connection) -> Insert:
+    """An INSERT into staging that keeps the first row of a duplicated user."""
+    if connection.dialect.name == "postgresql":
+        return postgresql.insert(staged).on_conflict_do_nothing()
+    if connection.dialect.name == "sqlite":
+        return sqlite.insert(staged).on_conflict_do_nothing()
+    raise NotImplementedError(f"staging on {connection.dialect.name} is not supported")
+
+
+def stage(connection: Connection, rows: Iterable[tuple[str, str]]) -> None:
+    """Add a batch of `(user_id, value)` rows; a user already staged keeps its row."""
+    batch = [{"user_id": user_id, "value": value} for user_id, value in rows]
+    if batch:
+        connection.execute(_insert_ignoring_duplicates(connection), batch)
+
+
+def staged_count(connection: Connection) -> int:
+    """How many distinct users are staged."""
+    return connection.execute(select(func.count()).select_from(staged)).scalar_one()
+
+
+def diff_select(
+    key: str, absent: str, *, full: bool
+) -> Select[tuple[str, str, str, str]]:
+    """The changes of one key as rows of `(user_id, kind, old, new)`.
+
+    Args:
+        key: the key whose snapshot the staged rows are compared with.
+        absent: the JSON value of a user who is not in it (false or null).
+        full: also produce every unchanged user, as `resent`.
+    """
+    current = snapshot.alias("current")
+    joined = staged.outerjoin(
+        current, and_(current.c.key == key, current.c.user_id == staged.c.user_id)
+    )
+
+    kind = case(
+        (current.c.value.is_(None), literal("entered")),
+        (current.c.value == staged.c.value, literal("resent")),
+        else_=literal("changed"),
+    )
+    present = select(
+        staged.c.user_id,
+        kind.label("kind"),
+        func.coalesce(current.c.value, literal(absent)).label("old"),
+        staged.c.value.label("new"),
+    ).select_from(joined)
+    if not full:
+        present = present.where(
+            or_(current.c.value.is_(None), current.c.value != staged.c.value)
+        )
+
+    gone = select(
+        snapshot.c.user_id,
+        literal("exited").label("kind"),
+        snapshot.c.value.label("old"),
+        literal(absent).label("new"),
+    ).where(
+        snapshot.c.key == key,
+        ~exists().where(staged.c.user_id == snapshot.c.user_id),
+    )
+
+    union = union_all(present, gone).subquery("diff")
+    return select(union.c.user_id, union.c.kind, union.c.old, union.c.new)
+
+
+def count_diff(
+    connection: Connection, diff: Select[tuple[str, str, str, str]]
+) -> DiffCounts:
+    """Count a diff's rows by kind without storing them."""
+    subquery = diff.subquery()
+    rows = connection.execute(
+        select(subquery.c.kind, func.count()).group_by(subquery.c.kind)
+    ).all()
+    return DiffCounts(**{kind: count for kind, count in rows})
+
+
+def record_changes(
+    connection: Connection,
+    run_id: int,
+    key: str,
+    diff: Select[tuple[str, str, str, str]],
+) -> DiffCounts:
+    """Insert a diff's rows into `changes` as pending, and count them by kind."""
+    subquery = diff.subquery()
+    connection.execute(
+        insert(changes).from_select(
+            ["run_id", "key", "user_id", "kind", "old", "new", "status"],
+            select(
+                literal(run_id),
+                literal(key),
+                subquery.c.user_id,
+                subquery.c.kind,
+                subquery.c.old,
+                subquery.c.new,
+                literal("pending"),
+            ),
+        )
+    )
+
+    rows = connection.execute(
+        select(changes.c.kind, func.count())
+        .where(changes.c.run_id == run_id, changes.c.key == key)
+        .group_by(changes.c.kind)
+    ).all()
+    return DiffCounts(**{kind: count for kind, count in rows})
+
+
+def exits_without_recording(connection: Connection, key: str) -> tuple[int, int]:
+    """Return `(snapshot size, users that would leave)` for the guard, cheaply."""
+    size = connection.execute(
+        select(func.count()).select_from(snapshot).where(snapshot.c.key == key)
+    ).scalar_one()
+    kept = connection.execute(
+        select(func.count())
+        .select_from(staged.join(snapshot, snapshot.c.user_id == staged.c.user_id))
+        .where(snapshot.c.key == key)
+    ).scalar_one()
+    return size, size - kept

@@ -1,0 +1,463 @@
+"""One run: for each key, stage source rows, diff, send, fold acks into the snapshot.
+
+```
+source query ──► staged rows ──► diff against snapshot ──► changes
+                                                              │
+  snapshot ◄── apply acknowledged changes ◄── transport ◄── messages
+```
+
+Each key is synced under its lease, on one store connection that holds its staging
+table, and commits after every batch, so a process killed at any moment leaves the
+snapshot equal to what the destination acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from audience_sync.config import Config, Definition
+from audience_sync.diff import (
+    DiffCounts,
+    count_diff,
+    diff_select,
+    exits_without_recording,
+    record_changes,
+    stage,
+    staged_count,
+    start_staging,
+)
+from audience_sync.errors import (
+    EXIT_INCOMPLETE,
+    EXIT_LOCKED,
+    EXIT_OK,
+    AudienceSyncError,
+    GuardError,
+    LockHeldError,
+    SourceError,
+    StoreError,
+    SyncError,
+    TransportError,
+)
+from audience_sync.messages import MessageBuilder
+from audience_sync.sources import ReadCounts, Sources, absent_value
+from audience_sync.store import history
+from audience_sync.store import snapshot as snapshots
+from audience_sync.store.database import open_store
+from audience_sync.store.leases import Heartbeat, Leases
+from audience_sync.store.migrate import upgrade
+from audience_sync.transports import Transport, make_transport
+
+logger = logging.getLogger(__name__)
+
+PAGE_SIZE = 5_000
+PREVIEW_LIMIT = 1_000
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a run was asked to do."""
+
+    now: datetime
+    keys: list[str] | None = None
+    full: bool = False
+    dry_run: bool = False
+    force: bool = False
+    trigger: str = "manual"
+
+
+@dataclass
+class KeyResult:
+    """How one key fared in a run."""
+
+    key: str
+    kind: str
+    status: str = "running"
+    full: bool = False
+    members: int = 0
+    skipped: int = 0
+    duplicates: int = 0
+    diff: DiffCounts = field(default_factory=DiffCounts)
+    sent: int = 0
+    acknowledged: int = 0
+    rejected: int = 0
+    pending: int = 0
+    error: str | None = None
+    seconds: float = 0.0
+    preview: list[tuple[str, str, str, str]] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """The counts stored in history."""
+        return {
+            "members": self.members,
+            "skipped": self.skipped,
+            "duplicates": self.duplicates,
+            "entered": self.diff.entered,
+            "exited": self.diff.exited,
+            "changed": self.diff.changed,
+            "sent": self.sent,
+            "acknowledged": self.acknowledged,
+            "rejected": self.rejected,
+            "pending": self.pending,
+        }
+
+
+@dataclass
+class RunResult:
+    """How a whole run fared."""
+
+    run_id: int | None
+    now: datetime
+    dry_run: bool
+    keys: list[KeyResult] = field(default_factory=list)
+    status: str = "running"
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every key succeeded, 3 when a lease was held, else 1."""
+        if any(k.status == "locked" for k in self.keys):
+            return EXIT_LOCKED
+        return EXIT_OK if self.status == "succeeded" else EXIT_INCOMPLETE
+
+
+def _run_status(keys: list[KeyResult]) -> str:
+    if all(k.status == "succeeded" for k in keys):
+        return "succeeded"
+    if all(k.status in ("failed", "locked") for k in keys):
+        return "failed"
+    return "partial"
+
+
+class Run:
+    """A run over some keys of a config; `execute` does the work."""
+
+    def __init__(
+        self,
+        config: Config,
+        options: RunOptions,
+        *,
+        stop: threading.Event | None = None,
+        transport_factory: Callable[[], Transport] | None = None,
+        engine: Engine | None = None,
+    ) -> None:
+        self.config = config
+        self.options = options
+        self.stop = stop or threading.Event()
+        self._transport_factory = transport_factory or (
+            lambda: make_transport(config.destination)
+        )
+        self._engine = engine
+        self._lost: set[str] = set()
+
+    def execute(self) -> RunResult:
+        """Sync every selected key once and record the run."""
+        definitions = self.config.select(self.options.keys)
+        engine = self._engine or open_store(self.config.store_url.get_secret_value())
+        try:
+            return self._execute(engine, definitions)
+        finally:
+            if self._engine is None:
+                engine.dispose()
+
+    def _execute(self, engine: Engine, definitions: list[Definition]) -> RunResult:
+        options = self.options
+        upgrade(engine)
+        leases = Leases(engine)
+
+        # Register keys first: a key that changed kind is a config error, found before
+        # anything is sent. A dry run only checks, and writes nothing.
+        with engine.begin() as connection:
+            if options.dry_run:
+                for definition in definitions:
+                    history.check_kind(connection, definition)
+                computation_ids: dict[str, str] = {}
+                run_id = None
+            else:
+                history.mark_interrupted(connection, leases.ttl.total_seconds())
+                computation_ids = {
+                    d.key: history.register(connection, d) for d in definitions
+                }
+                run_id = history.start_run(
+                    connection, options.now, options.trigger, options.full, leases.owner
+                )
+
+        result = RunResult(run_id=run_id, now=options.now, dry_run=options.dry_run)
+        sources = Sources(self.config.sources)
+        transport = None if options.dry_run else self._transport_factory()
+        try:
+            with Heartbeat(engine, leases, run_id, self._lost.update):
+                for definition in definitions:
+                    if self.stop.is_set():
+                        break
+                    key_result = self._sync_key(
+                        engine,
+                        leases,
+                        sources,
+                        transport,
+                        definition,
+                        computation_ids.get(definition.key, ""),
+                        run_id,
+                    )
+                    result.keys.append(key_result)
+        finally:
+            sources.close()
+            if transport is not None:
+                transport.close()
+
+        result.status = _run_status(result.keys) if result.keys else "succeeded"
+        if self.stop.is_set() and len(result.keys) < len(definitions):
+            result.status = "partial" if result.status == "succeeded" else result.status
+        if run_id is not None:
+            with engine.begin() as connection:
+                history.finish_run(connection, run_id, result.status)
+        return result
+
+    def _sync_key(
+        self,
+        engine: Engine,
+        leases: Leases,
+        sources: Sources,
+        transport: Transport | None,
+        definition: Definition,
+        computation_id: str,
+        run_id: int | None,
+    ) -> KeyResult:
+        """Sync one key under its lease and record how it went."""
+        result = KeyResult(key=definition.key, kind=definition.kind)
+        started = time.monotonic()
+
+        try:
+            leases.acquire(definition.key, run_id)
+        except LockHeldError as exc:
+            result.status, result.error = "locked", str(exc)
+            logger.warning("Skipped %s: %s", definition.key, exc)
+            return result
+
+        try:
+            with engine.connect() as connection:
+                self._sync_key_on(
+                    connection,
+                    sources,
+                    transport,
+                    definition,
+                    computation_id,
+                    run_id,
+                    result,
+                )
+        except SyncError as exc:
+            result.status, result.error = (
+                "held" if isinstance(exc, GuardError) else "failed",
+                str(exc),
+            )
+            logger.warning(
+                "%s %s: %s", definition.kind.capitalize(), definition.key, exc
+            )
+        except SQLAlchemyError as exc:
+            result.status = "failed"
+            result.error = (
+                f"the store failed: {str(getattr(exc, 'orig', exc)).splitlines()[0]}"
+            )
+            logger.exception("The store failed while syncing %s", definition.key)
+        finally:
+            leases.release(definition.key)
+            result.seconds = time.monotonic() - started
+            if run_id is not None:
+                self._record_end(engine, run_id, result)
+
+        logger.info(
+            "%s %s %s in %.1fs: %d members, %d entered, %d exited, %d changed, "
+            "%d acknowledged, %d rejected, %d pending",
+            definition.kind.capitalize(),
+            definition.key,
+            result.status,
+            result.seconds,
+            result.members,
+            result.diff.entered,
+            result.diff.exited,
+            result.diff.changed,
+            result.acknowledged,
+            result.rejected,
+            result.pending,
+        )
+        return result
+
+    def _record_end(self, engine: Engine, run_id: int, result: KeyResult) -> None:
+        try:
+            with engine.begin() as connection:
+                history.finish_key(
+                    connection,
+                    run_id,
+                    result.key,
+                    result.status,
+                    error=result.error,
+                    **result.counts(),
+                )
+        except SQLAlchemyError:
+            logger.exception("Could not record the end of %s", result.key)
+
+    def _sync_key_on(
+        self,
+        connection: Connection,
+        sources: Sources,
+        transport: Transport | None,
+        definition: Definition,
+        computation_id: str,
+        run_id: int | None,
+        result: KeyResult,
+    ) -> None:
+        options = self.options
+        key = definition.key
+        absent = absent_value(definition)
+
+        with connection.begin():
+            full = options.full or not history.has_history(connection, key)
+            result.full = full
+            if run_id is not None:
+                history.start_key(connection, run_id, key, full)
+
+        # 1. Stage the source rows. A failed read raises before anything is diffed.
+        with connection.begin():
+            start_staging(connection)
+        read = ReadCounts()
+        kept = 0
+        for batch in sources.read(definition, options.now, read):
+            with connection.begin():
+                stage(connection, batch)
+            kept += len(batch)
+            if self.stop.is_set():
+                raise SourceError(f"{definition.kind} {key!r}: stopped while reading")
+
+        with connection.begin():
+            result.members = staged_count(connection)
+        result.skipped = read.skipped
+        result.duplicates = kept - result.members
+
+        # 2. Guard against a collapse before anything is recorded.
+        with connection.begin():
+            self._check_guard(connection, definition, result)
+
+        # 3. Diff against the snapshot.
+        diff = diff_select(key, absent, full=options.full)
+        if run_id is None:
+            with connection.begin():
+                result.diff = count_diff(connection, diff)
+                result.preview = [
+                    tuple(row)  # type: ignore[misc]
+                    for row in connection.execute(
+                        diff.order_by("user_id").limit(PREVIEW_LIMIT)
+                    ).all()
+                ]
+            result.status = "dry-run"
+            return
+
+        with connection.begin():
+            result.diff = record_changes(connection, run_id, key, diff)
+            history.update_key(connection, run_id, key, **result.counts())
+
+        # 4. Send, and fold what was acknowledged into the snapshot.
+        assert transport is not None
+        self._deliver(connection, transport, definition, computation_id, run_id, result)
+
+        with connection.begin():
+            counts = snapshots.status_counts(connection, run_id, key)
+        result.acknowledged = counts.get("acknowledged", 0)
+        result.rejected = counts.get("rejected", 0)
+        result.pending = counts.get("pending", 0)
+        result.status = (
+            "succeeded" if result.pending == result.rejected == 0 else "partial"
+        )
+
+    def _check_guard(
+        self, connection: Connection, definition: Definition, result: KeyResult
+    ) -> None:
+        guard = self.config.guard
+        if self.options.force or self.options.full:
+            return
+        size, leaving = exits_without_recording(connection, definition.key)
+        if size >= guard.min_members and leaving > guard.max_exit_fraction * size:
+            result.diff = DiffCounts(exited=leaving)
+            raise GuardError(
+                f"{leaving} of {size} members would leave at once "
+                f"(more than {guard.max_exit_fraction:.0%}); nothing was sent for "
+                f"{definition.key!r}. If that is right, run again with --force"
+            )
+
+    def _deliver(
+        self,
+        connection: Connection,
+        transport: Transport,
+        definition: Definition,
+        computation_id: str,
+        run_id: int,
+        result: KeyResult,
+    ) -> None:
+        key = definition.key
+        builder = MessageBuilder(
+            definition, computation_id, run_id, self.options.now, self.config.personas
+        )
+
+        after_id = 0
+        while not self.stop.is_set():
+            if key in self._lost:
+                raise StoreError(f"lost the lease of {key!r} to another process")
+
+            with connection.begin():
+                page = snapshots.pending_page(
+                    connection, run_id, key, after_id, PAGE_SIZE
+                )
+            if not page:
+                break
+            after_id = page[-1].id
+
+            messages = [builder.build(row.id, row.user_id, row.new) for row in page]
+            try:
+                deliveries = transport.send(messages, self.stop)
+            except TransportError as exc:
+                result.error = str(exc)
+                logger.warning("Stopped sending %s: %s", key, exc)
+                break
+            result.sent += len(messages)
+
+            acknowledged = []
+            with connection.begin():
+                for message, delivery in zip(messages, deliveries, strict=True):
+                    if delivery.status == "acknowledged":
+                        acknowledged.append(message.change_id)
+                    elif delivery.status == "rejected":
+                        snapshots.reject(
+                            connection,
+                            message.change_id,
+                            delivery.status_code,
+                            delivery.reason,
+                        )
+                snapshots.acknowledge(connection, run_id, key, acknowledged)
+                result.acknowledged += len(acknowledged)
+                history.update_key(
+                    connection,
+                    run_id,
+                    key,
+                    sent=result.sent,
+                    acknowledged=result.acknowledged,
+                )
+
+
+def run_once(config: Config, options: RunOptions, **kwargs: object) -> RunResult:
+    """Run one sync of a config; see Run for the keyword arguments."""
+    return Run(config, options, **kwargs).execute()  # type: ignore[arg-type]
+
+
+__all__ = [
+    "AudienceSyncError",
+    "KeyResult",
+    "Run",
+    "RunOptions",
+    "RunResult",
+    "run_once",
+]

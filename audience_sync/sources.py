@@ -1,0 +1,241 @@
+"""Read audiences and computed traits from their source databases, in batches.
+
+A source query returns `user_id` (and `value` for a computed trait). Rows stream
+through in batches so memory does not grow with the audience; each batch comes out as
+`(user_id, value)` pairs with the id trimmed and the value as canonical JSON text.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, DateTime, Engine, bindparam, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from audience_sync.config import Definition, Source
+from audience_sync.errors import SourceError
+from audience_sync.store.database import sqlite_path
+
+logger = logging.getLogger(__name__)
+
+TRUE = "true"
+FALSE = "false"
+NULL = "null"
+
+# SQLite calls the progress handler every this many virtual machine steps.
+_SQLITE_PROGRESS_STEPS = 10_000
+
+
+@dataclass
+class ReadCounts:
+    """What a source read saw, beyond the rows it kept."""
+
+    rows: int = 0
+    skipped: int = 0
+
+
+def absent_value(definition: Definition) -> str:
+    """The JSON value that means "not in it": false for audiences, null for traits."""
+    return FALSE if definition.kind == "audience" else NULL
+
+
+def encode_value(value: Any) -> str | None:
+    """Turn a source value into canonical JSON text; None means the user has none.
+
+    Raises:
+        TypeError: the value is not a JSON scalar or something that reads as one.
+    """
+    if value is None:
+        return None
+    if isinstance(value, Decimal):
+        value = int(value) if value == value.to_integral_value() else float(value)
+    elif isinstance(value, datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC)
+        value = value.isoformat().replace("+00:00", "Z")
+    elif isinstance(value, date):
+        value = value.isoformat()
+    elif not isinstance(value, str | int | float | bool):
+        raise TypeError(type(value).__name__)
+    return orjson.dumps(value).decode()
+
+
+def clean_user_id(user_id: Any) -> str | None:
+    """Trim a user id; None for a null, empty or blank one."""
+    if user_id is None:
+        return None
+    cleaned = (user_id if isinstance(user_id, str) else str(user_id)).strip()
+    return cleaned or None
+
+
+class Sources:
+    """The source engines of one run, opened on first use and closed together."""
+
+    def __init__(self, sources: dict[str, Source]) -> None:
+        self._sources = sources
+        self._engines: dict[str, Engine] = {}
+
+    def engine(self, name: str) -> Engine:
+        """Return the engine of a source, building the demo warehouse if asked to."""
+        if name in self._engines:
+            return self._engines[name]
+
+        source = self._sources[name]
+        url = source.url.get_secret_value()
+        if source.demo:
+            # Imported here: only the demo needs the generator.
+            from audience_sync.demo import ensure_demo_warehouse  # noqa: PLC0415
+
+            demo_path = sqlite_path(url)
+            if demo_path is not None and ensure_demo_warehouse(demo_path):
+                logger.info("Built the demo warehouse at %s", demo_path)
+
+        # A source is only ever read: open SQLite files read-only, so that a mistyped
+        # path is an error rather than a new empty database.
+        path = sqlite_path(url)
+        if path is not None:
+            url = (
+                make_url(url)
+                .set(database=f"file:{path}", query={"mode": "ro", "uri": "true"})
+                .render_as_string(hide_password=False)
+            )
+
+        try:
+            engine = create_engine(url)
+        except (ModuleNotFoundError, ArgumentError) as exc:
+            raise SourceError(f"cannot open source {name!r}: {exc}") from None
+        self._engines[name] = engine
+        return engine
+
+    def read(
+        self,
+        definition: Definition,
+        now: datetime,
+        counts: ReadCounts,
+        batch_size: int = 10_000,
+    ) -> Iterator[list[tuple[str, str]]]:
+        """Stream `(user_id, value)` batches of a definition's query at time `now`.
+
+        Raises:
+            SourceError: the query failed, timed out, or returned the wrong columns.
+        """
+        source = self._sources[definition.source]
+        engine = self.engine(definition.source)
+        label = f"{definition.kind} {definition.key!r}"
+
+        try:
+            with engine.connect() as connection:
+                deadline = time.monotonic() + source.timeout.total_seconds()
+                _limit_time(connection, source.timeout.total_seconds(), deadline)
+                statement, parameters = _statement(definition.query, now)
+                result = connection.execution_options(yield_per=batch_size).execute(
+                    statement, parameters
+                )
+                columns = list(result.keys())
+                user_index, value_index = _columns(definition, columns, label)
+
+                for partition in result.partitions():
+                    yield _batch(
+                        definition, partition, user_index, value_index, counts, label
+                    )
+                    if time.monotonic() > deadline:
+                        raise SourceError(
+                            f"{label}: the source read took longer than its timeout "
+                            f"of {source.timeout}"
+                        )
+        except SQLAlchemyError as exc:
+            raise SourceError(
+                f"{label}: the source query failed: {_reason(exc)}"
+            ) from exc
+
+    def close(self) -> None:
+        """Dispose of every engine opened so far."""
+        for engine in self._engines.values():
+            engine.dispose()
+        self._engines.clear()
+
+
+def _statement(query: str, now: datetime) -> tuple[Any, dict[str, Any]]:
+    """The query as a text clause, with `:now` bound as a UTC timestamp if it asks."""
+    clause = text(query)
+    if "now" not in clause._bindparams:
+        return clause, {}
+    typed = clause.bindparams(bindparam("now", type_=DateTime(timezone=True)))
+    return typed, {"now": now}
+
+
+def _columns(definition: Definition, columns: list[str], label: str) -> tuple[int, int]:
+    """Find the user_id (and value) columns, or explain what the query returned."""
+    lowered = [c.lower() for c in columns]
+    wanted = ["user_id"] if definition.kind == "audience" else ["user_id", "value"]
+    missing = [w for w in wanted if w not in lowered]
+    if missing:
+        raise SourceError(
+            f"{label}: the query must return a {' and a '.join(missing)} column "
+            f"(it returns {', '.join(columns) or 'no columns'})"
+        )
+    value_index = lowered.index("value") if definition.kind == "trait" else -1
+    return lowered.index("user_id"), value_index
+
+
+def _batch(
+    definition: Definition,
+    rows: Any,
+    user_index: int,
+    value_index: int,
+    counts: ReadCounts,
+    label: str,
+) -> list[tuple[str, str]]:
+    """Clean one partition of source rows into `(user_id, value)` pairs."""
+    batch = []
+    for row in rows:
+        counts.rows += 1
+        user_id = clean_user_id(row[user_index])
+        if user_id is None:
+            counts.skipped += 1
+            continue
+
+        if value_index < 0:
+            batch.append((user_id, TRUE))
+            continue
+        try:
+            value = encode_value(row[value_index])
+        except TypeError as exc:
+            raise SourceError(
+                f"{label}: a value of type {exc} is not a string, number or boolean"
+            ) from None
+        if value is not None:
+            batch.append((user_id, value))
+    return batch
+
+
+def _limit_time(connection: Connection, seconds: float, deadline: float) -> None:
+    """Make the database give up on a statement that runs past the source's timeout."""
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        connection.exec_driver_sql(f"SET statement_timeout = {int(seconds * 1000)}")
+    elif dialect == "sqlite":
+        raw = connection.connection.dbapi_connection
+        assert raw is not None
+        raw.set_progress_handler(
+            lambda: 1 if time.monotonic() > deadline else 0, _SQLITE_PROGRESS_STEPS
+        )
+    # Other databases have no portable statement timeout; the read loop still checks.
+
+
+def _reason(exc: SQLAlchemyError) -> str:
+    """The database's own words, without the SQL text and parameters."""
+    original = getattr(exc, "orig", None)
+    message = str(original if original is not None else exc).strip().splitlines()
+    reason = message[0] if message else type(exc).__name__
+    if reason == "interrupted":
+        return "it ran past the source's timeout and was interrupted"
+    return reason

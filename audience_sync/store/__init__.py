@@ -1,0 +1,1 @@
+"""The state store: snapshot, history, leases, and the engine that opens it."""

@@ -1,0 +1,102 @@
+"""Open the state store: one engine per store, tuned for the database behind it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+from audience_sync.errors import StoreError
+
+logger = logging.getLogger(__name__)
+
+# How long a SQLite writer waits for another process's write transaction to end.
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def is_sqlite(engine: Engine) -> bool:
+    """Tell whether an engine talks to SQLite."""
+    return engine.dialect.name == "sqlite"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """Return the file of a SQLite URL, or None for another database or memory."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (
+        None,
+        "",
+        ":memory:",
+    ):
+        return None
+    return Path(parsed.database)
+
+
+def _tune_sqlite(engine: Engine, *, read_only: bool) -> None:
+    """Make SQLite safe for several processes: WAL, a busy timeout, BEGIN IMMEDIATE."""
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control from the driver so that `begin` below decides how
+        # a transaction starts.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        if not read_only:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        # A deferred transaction that reads and then writes can fail with "database is
+        # locked" whatever the busy timeout; taking the write lock up front cannot.
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def open_store(url: str, *, read_only: bool = False) -> Engine:
+    """Create the engine of the state store.
+
+    Args:
+        url: SQLAlchemy URL of the store.
+        read_only: open without the right to write; a missing SQLite file is an error
+            instead of being created.
+    """
+    parsed = make_url(url)
+    kwargs: dict[str, Any] = {}
+
+    if parsed.get_backend_name() == "sqlite":
+        path = sqlite_path(url)
+        if read_only and path is not None:
+            if not path.exists():
+                raise StoreError(
+                    f"there is no store at {path} yet; "
+                    "run `audience-sync run --run-now` first"
+                )
+            parsed = parsed.set(
+                database=f"file:{path}", query={"mode": "ro", "uri": "true"}
+            )
+        elif path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        # Each connection is cheap and a file handle; pooling them buys nothing
+        # and would keep the temp tables of one run alive into the next.
+        kwargs["poolclass"] = NullPool
+    elif parsed.get_backend_name() == "postgresql":
+        kwargs["pool_pre_ping"] = True
+        if read_only:
+            kwargs["connect_args"] = {"options": "-c default_transaction_read_only=on"}
+
+    try:
+        engine = create_engine(parsed, **kwargs)
+    except ModuleNotFoundError as exc:
+        raise StoreError(
+            f"the driver for {parsed.drivername} is not installed "
+            f"({exc.name}); for PostgreSQL install audience-sync[postgres]"
+        ) from None
+
+    if engine.dialect.name == "sqlite":
+        _tune_sqlite(engine, read_only=read_only)
+    return engine

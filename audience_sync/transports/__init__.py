@@ -1,0 +1,14 @@
+"""Transports: how messages leave the process, and how acknowledgements come back."""
+
+from __future__ import annotations
+
+from audience_sync.config import FileDestination
+from audience_sync.transports.base import Delivery, Transport
+from audience_sync.transports.file import FileTransport
+
+__all__ = ["Delivery", "Transport", "make_transport"]
+
+
+def make_transport(destination: FileDestination) -> Transport:
+    """Build the transport a destination setting describes."""
+    return FileTransport(destination.path)

@@ -1,0 +1,1 @@
+"""Alembic migrations of the state store, shipped as audience_sync.migrations."""
