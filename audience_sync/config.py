@@ -6,6 +6,7 @@ else happens, so a bad file is reported in one sentence and nothing is written.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -143,6 +145,8 @@ def _field_name(loc: tuple[int | str, ...], tree: Any) -> str:
     text = ""
     node = tree
     for part in loc:
+        if isinstance(node, dict) and node.get("transport") == part:
+            continue  # the tag pydantic adds for the destination's union
         if isinstance(part, int):
             text += f"[{part}]"
             node = node[part] if isinstance(node, list) and part < len(node) else None
@@ -212,7 +216,84 @@ class FileDestination(_Strict):
     path: Path
 
 
-Destination = Annotated[FileDestination, Field(discriminator="transport")]
+class HttpDestination(_Strict):
+    """Settings every HTTP transport shares: timeouts, concurrency, retries."""
+
+    endpoint: str
+    connect_timeout: timedelta = timedelta(seconds=5)
+    read_timeout: timedelta = timedelta(seconds=30)
+    request_timeout: timedelta = Field(
+        default=timedelta(seconds=60),
+        description="The most one request may take, from connect to the last byte.",
+    )
+    max_in_flight: int = Field(default=8, ge=1, le=256)
+    rate_limit: float | None = Field(
+        default=None, gt=0, description="Requests per second at most; none by default."
+    )
+    max_attempts: int = Field(
+        default=6, ge=1, description="Attempts per request for 5xx and network errors."
+    )
+    max_retry_wait: timedelta = Field(
+        default=timedelta(seconds=60), description="The longest single wait."
+    )
+    retry_budget: timedelta = Field(
+        default=timedelta(minutes=30),
+        description="Total time one run may spend waiting on 429s and retries.",
+    )
+
+    @field_validator(
+        "connect_timeout",
+        "read_timeout",
+        "request_timeout",
+        "max_retry_wait",
+        "retry_budget",
+        mode="before",
+    )
+    @classmethod
+    def _duration(cls, value: Any) -> timedelta:
+        return parse_duration(value)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        parsed = urlsplit(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError("must be an http(s) URL such as https://api.segment.io")
+        if parsed.username or parsed.password:
+            raise ValueError("must not carry credentials; use write_key or api_key")
+        if parsed.scheme == "http" and not _is_loopback(parsed.hostname):
+            raise ValueError("must use https unless it is on this machine (loopback)")
+        return value.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class SegmentDestination(HttpDestination):
+    """Send through Segment's HTTP Tracking API, with Plotline enabled: batches."""
+
+    transport: Literal["segment"]
+    endpoint: str = "https://api.segment.io"
+    write_key: SecretStr
+
+
+class PlotlineDestination(HttpDestination):
+    """Send straight to Plotline's endpoint, one message per request."""
+
+    transport: Literal["plotline"]
+    api_key: SecretStr
+
+
+Destination = Annotated[
+    FileDestination | SegmentDestination | PlotlineDestination,
+    Field(discriminator="transport"),
+]
 
 
 class Schedule(_Strict):
@@ -337,7 +418,7 @@ class Config:
     path: Path
     store_url: SecretStr
     sources: dict[str, Source]
-    destination: FileDestination
+    destination: FileDestination | SegmentDestination | PlotlineDestination
     schedule: Schedule
     guard: Guard
     personas: Personas
@@ -463,7 +544,7 @@ def parse_config(text: str, path: Path, env: Mapping[str, str] | None = None) ->
 
     folder = path.resolve().parent
     destination = settings.destination
-    if not destination.path.is_absolute():
+    if isinstance(destination, FileDestination) and not destination.path.is_absolute():
         destination = destination.model_copy(update={"path": folder / destination.path})
 
     sources = {

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from audience_sync.config import FileDestination
+from audience_sync.config import (
+    FileDestination,
+    PlotlineDestination,
+    SegmentDestination,
+)
 from audience_sync.transports.base import Delivery, Transport
 from audience_sync.transports.file import FileTransport
 
 __all__ = ["Delivery", "Transport", "make_transport"]
 
 
-def make_transport(destination: FileDestination) -> Transport:
+def make_transport(
+    destination: FileDestination | SegmentDestination | PlotlineDestination,
+) -> Transport:
     """Build the transport a destination setting describes."""
-    return FileTransport(destination.path)
+    if isinstance(destination, FileDestination):
+        return FileTransport(destination.path)
+    raise NotImplementedError(f"the {destination.transport} transport is not built yet")
