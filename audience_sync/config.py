@@ -173,10 +173,10 @@ def _check_url(value: str) -> str:
     try:
         url = make_url(value)
         url.get_dialect()
-    except (ArgumentError, ValueError) as exc:
-        raise ValueError("is not a database URL such as sqlite:///file.db") from exc
     except NoSuchModuleError as exc:
         raise ValueError(f"names an unknown database kind {url.drivername!r}") from exc
+    except (ArgumentError, ValueError) as exc:
+        raise ValueError("is not a database URL such as sqlite:///file.db") from exc
     return value
 
 
@@ -528,7 +528,13 @@ def parse_config(text: str, path: Path, env: Mapping[str, str] | None = None) ->
         line = _line_of(tree, loc)
         where = f"{name} line {line}" if line else name
         message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "missing":
+        if error["type"] == "union_tag_invalid":
+            loc = (*loc, "transport")
+            line = _line_of(tree, loc)
+            where = f"{name} line {line}" if line else name
+            expected = error.get("ctx", {}).get("expected_tags", "")
+            message = f"must be one of {expected.replace(chr(39), '')}"
+        elif error["type"] == "missing":
             message = "is required"
         elif error["type"] == "extra_forbidden":
             message = "is not a known setting"

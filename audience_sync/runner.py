@@ -128,7 +128,7 @@ class RunResult:
 
 
 def _run_status(keys: list[KeyResult]) -> str:
-    if all(k.status == "succeeded" for k in keys):
+    if all(k.status in ("succeeded", "dry-run") for k in keys):
         return "succeeded"
     if all(k.status in ("failed", "locked") for k in keys):
         return "failed"

@@ -87,7 +87,11 @@ def open_store(url: str, *, read_only: bool = False) -> Engine:
     elif parsed.get_backend_name() == "postgresql":
         kwargs["pool_pre_ping"] = True
         if read_only:
-            kwargs["connect_args"] = {"options": "-c default_transaction_read_only=on"}
+            # Keep any options the URL already sets (a search_path, say).
+            options = str(parsed.query.get("options", ""))
+            kwargs["connect_args"] = {
+                "options": f"{options} -c default_transaction_read_only=on".strip()
+            }
 
     try:
         engine = create_engine(parsed, **kwargs)
