@@ -117,92 +117,32 @@ META_COLUMNS: tuple[tuple[str, str], ...] = (
     ("value", "TEXT"),
 )
 
+# fmt: off
 FIRST_NAMES = (
-    "Ada",
-    "Ben",
-    "Chloe",
-    "Dev",
-    "Elena",
-    "Farid",
-    "Grace",
-    "Hugo",
-    "Ines",
-    "Jonas",
-    "Kira",
-    "Liam",
-    "Maya",
-    "Noah",
-    "Olga",
-    "Priya",
-    "Quinn",
-    "Rosa",
-    "Sam",
-    "Tariq",
-    "Uma",
-    "Victor",
-    "Wen",
-    "Ximena",
-    "Yusuf",
-    "Zoe",
-    "Aiko",
-    "Bruno",
-    "Carmen",
-    "Diego",
-    "Emma",
-    "Felix",
-    "Hana",
-    "Ivan",
-    "Julia",
-    "Kofi",
-    "Lena",
-    "Mateo",
+    "Ada", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas",
+    "Kira", "Liam", "Maya", "Noah", "Olga", "Priya", "Quinn", "Rosa", "Sam", "Tariq",
+    "Uma", "Victor", "Wen", "Ximena", "Yusuf", "Zoe", "Aiko", "Bruno", "Carmen",
+    "Diego", "Emma", "Felix", "Hana", "Ivan", "Julia", "Kofi", "Lena", "Mateo",
 )
 LAST_NAMES = (
-    "Adams",
-    "Bauer",
-    "Chen",
-    "Diaz",
-    "Evans",
-    "Fischer",
-    "Garcia",
-    "Haddad",
-    "Ito",
-    "Jensen",
-    "Kim",
-    "Lopez",
-    "Muller",
-    "Nguyen",
-    "Okafor",
-    "Patel",
-    "Rossi",
-    "Silva",
-    "Tanaka",
-    "Umar",
-    "Vargas",
-    "Weber",
-    "Yilmaz",
-    "Zhang",
-    "Novak",
-    "Moreau",
-    "Kowalski",
-    "Andersen",
-    "Costa",
-    "Sato",
+    "Adams", "Bauer", "Chen", "Diaz", "Evans", "Fischer", "Garcia", "Haddad", "Ito",
+    "Jensen", "Kim", "Lopez", "Muller", "Nguyen", "Okafor", "Patel", "Rossi",
+    "Silva", "Tanaka", "Umar", "Vargas", "Weber", "Yilmaz", "Zhang", "Novak",
+    "Moreau", "Kowalski", "Andersen", "Costa", "Sato",
 )
+# Relative activity by UTC hour and by weekday (Monday first): quiet nights,
+# busy evenings, a little more shopping at the weekend.
+HOUR_WEIGHTS = (
+    2, 1, 1, 1, 1, 2, 3, 5, 7, 8, 8, 9,
+    10, 9, 9, 9, 10, 11, 13, 14, 14, 12, 8, 4,
+)
+WEEKDAY_WEIGHTS = (10, 10, 10, 10, 11, 13, 12)
 # (country, weight): the store sells mostly in North America and Europe.
 COUNTRIES = (
-    ("US", 40),
-    ("GB", 12),
-    ("DE", 10),
-    ("FR", 7),
-    ("CA", 7),
-    ("NL", 4),
-    ("ES", 4),
-    ("AU", 5),
-    ("BR", 4),
-    ("IN", 4),
-    ("JP", 3),
+    ("US", 40), ("GB", 12), ("DE", 10), ("FR", 7), ("CA", 7), ("NL", 4), ("ES", 4),
+    ("AU", 5), ("BR", 4), ("IN", 4), ("JP", 3),
 )
+# fmt: on
 # (category, lowest price, highest price, product nouns)
 CATEGORIES = (
     ("Shoes", 45, 180, ("Runner", "Trail Shoe", "Sneaker", "Boot", "Sandal")),
@@ -215,38 +155,11 @@ CATEGORIES = (
 ADJECTIVES = ("Classic", "Urban", "Alpine", "Everyday", "Studio", "Coastal", "Nordic")
 APP_VERSIONS = ("4.2.0", "4.2.1", "4.3.0", "4.3.2", "4.4.0")
 COUPONS = ("WELCOME10", "SPRING15", "FRIENDS20")
-# Relative activity by UTC hour and by weekday (Monday first): quiet nights,
-# busy evenings, a little more shopping at the weekend.
-HOUR_WEIGHTS = (
-    2,
-    1,
-    1,
-    1,
-    1,
-    2,
-    3,
-    5,
-    7,
-    8,
-    8,
-    9,
-    10,
-    9,
-    9,
-    9,
-    10,
-    11,
-    13,
-    14,
-    14,
-    12,
-    8,
-    4,
-)
-WEEKDAY_WEIGHTS = (10, 10, 10, 10, 11, 13, 12)
 
 
 class _Persona(NamedTuple):
+    """How often a kind of user visits and how readily they buy."""
+
     name: str
     share: float
     sessions_per_day: float
@@ -269,6 +182,8 @@ VISITOR = _Persona("visitor", 0.0, 0.0, 0, 3, 0.08, 0.0, 0.0)
 
 
 class _Product(NamedTuple):
+    """One catalog item."""
+
     product_id: str
     name: str
     category: str
@@ -276,6 +191,8 @@ class _Product(NamedTuple):
 
 
 class _User(NamedTuple):
+    """A known user and the traits the users table keeps."""
+
     user_id: str
     email: str
     name: str
@@ -288,6 +205,8 @@ class _User(NamedTuple):
 
 
 class _Event(NamedTuple):
+    """One track call; `properties` fill the event table's own columns."""
+
     timestamp: int
     event_id: str
     user_id: str | None
@@ -307,6 +226,8 @@ def build_demo_warehouse(
     tables = _Generator(anchor, seed).generate()
     tables["demo_meta"] = [("anchor", anchor.isoformat()), ("seed", str(seed))]
 
+    # The demo folder is git-ignored, so a fresh clone does not have it yet.
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(
         prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
     )
@@ -456,7 +377,8 @@ class _Generator:
     """One build's random users, sessions and events, drawn from a single seed."""
 
     def __init__(self, anchor: datetime, seed: int) -> None:
-        self.rng = random.Random(seed)
+        # Reproducible demo data, not secrets: a seeded PRNG is exactly right.
+        self.rng = random.Random(seed)  # noqa: S311
         # Whole seconds, rounded down, so no event can land after the anchor.
         self.end = int(anchor.replace(microsecond=0).timestamp())
         self.start = self.end - WINDOW_DAYS * DAY
@@ -521,8 +443,13 @@ class _Generator:
                 )
             )
             tables[table].append(
-                (event.event_id, event.user_id, event.anonymous_id, timestamp)
-                + event.properties
+                (
+                    event.event_id,
+                    event.user_id,
+                    event.anonymous_id,
+                    timestamp,
+                    *event.properties,
+                )
             )
         return tables
 
@@ -624,14 +551,13 @@ class _Generator:
 
     def _signup(self, persona: _Persona) -> int:
         """When a user of this persona signed up; some did inside the window."""
-        years_before = self.start - self.rng.randint(DAY, 3 * 365 * DAY)
         if persona.name == "new":
             return self._moment(self.end - 21 * DAY, self.end - HOUR)
         if persona.name == "regular" and self.rng.random() < 0.2:
             return self._moment(self.start + 5 * DAY, self.end - 22 * DAY)
         if persona.name == "churner" and self.rng.random() < 0.25:
             return self._moment(self.start + DAY, self.start + 20 * DAY)
-        return years_before
+        return self.start - self.rng.randint(DAY, 3 * 365 * DAY)
 
     def _plan(self, persona: _Persona) -> str:
         """Current plan; power users pay far more often, vip stays rare overall."""
@@ -655,7 +581,7 @@ class _Generator:
     def _session_starts(
         self, user: _User, active_from: int, active_to: int
     ) -> list[int]:
-        """Session start times inside the user's active span, heavy users drawn wider."""
+        """Session start times spread over the user's active span."""
         persona = user.persona
         span_days = max(active_to - active_from, 0) / DAY
         # Gamma keeps the mean rate but spreads users from barely to very active.
@@ -705,12 +631,16 @@ class _Generator:
                 self._identify(user, device, start, plan_now)
 
             upgrade = user.plan if index == upgrade_at else None
-            revenue += self._keep(
-                self._session(user.user_id, device, start, persona, upgrade=upgrade)
+            session = self._session(
+                user.user_id, device, start, persona, upgrade=upgrade
             )
-            if upgrade is not None:
-                plan_now = user.plan
-                self._identify(user, device, min(start + 30, self.end), plan_now)
+            revenue += self._keep(session)
+
+            # Apps identify again after a purchase changes the plan trait.
+            for event in session:
+                if event.name == SUBSCRIPTION_STARTED and event.timestamp <= self.end:
+                    plan_now = user.plan
+                    self._identify(user, device, event.timestamp, plan_now)
         return revenue
 
     def _upgrade_session(
@@ -766,7 +696,8 @@ class _Generator:
                 break
             self.events.append(event)
             if event.name == ORDER_COMPLETED:
-                revenue += float(event.properties[1] or 0.0)
+                _, order_revenue, *_ = event.properties
+                revenue += float(order_revenue or 0.0)
         return revenue
 
     def _session(

@@ -138,9 +138,7 @@ def write_config(
 
 
 @pytest.fixture
-def make_config(
-    tmp_path: Path, store_url: str, warehouse: Warehouse
-) -> Any:
+def make_config(tmp_path: Path, store_url: str, warehouse: Warehouse) -> Any:
     """Write a config for the test warehouse and the parametrized store; load it."""
 
     def make(**kwargs: Any) -> Config:

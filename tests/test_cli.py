@@ -14,7 +14,9 @@ import pytest
 from tests.conftest import Warehouse, write_config
 
 
-def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run `python -m audience_sync` with arguments, in a folder."""
     return subprocess.run(
         [sys.executable, "-m", "audience_sync", *args],
@@ -48,7 +50,9 @@ def project(tmp_path: Path, warehouse: Warehouse) -> Path:
     return tmp_path
 
 
-def test_run_history_show_changes_members_audiences(project: Path, warehouse: Warehouse) -> None:
+def test_run_history_show_changes_members_audiences(
+    project: Path, warehouse: Warehouse
+) -> None:
     """A sync, then every read command shows it, in stable JSON."""
     first = cli("run", "--run-now", "--now", "2026-03-01T12:00:00Z", cwd=project)
     warehouse.set_members("Beta Testers", ["u1", "u2"])
@@ -67,9 +71,29 @@ def test_run_history_show_changes_members_audiences(project: Path, warehouse: Wa
     assert [r["id"] for r in runs] == [2, 1]
     assert runs[1]["now"] == "2026-03-01T12:00:00Z"
     assert runs[0]["status"] == "succeeded"
-    assert set(runs[0]) >= {"id", "started_at", "finished_at", "now", "status", "audiences"}
+    assert set(runs[0]) >= {
+        "id",
+        "started_at",
+        "finished_at",
+        "now",
+        "status",
+        "audiences",
+    }
     audience = next(a for a in shown["audiences"] if a["key"] == "beta_testers")
-    assert {k: audience[k] for k in ("status", "full", "members", "entered", "exited", "changed", "acknowledged", "rejected", "pending")} == {
+    assert {
+        k: audience[k]
+        for k in (
+            "status",
+            "full",
+            "members",
+            "entered",
+            "exited",
+            "changed",
+            "acknowledged",
+            "rejected",
+            "pending",
+        )
+    } == {
         "status": "succeeded",
         "full": True,
         "members": 3,
@@ -92,9 +116,15 @@ def test_run_history_show_changes_members_audiences(project: Path, warehouse: Wa
             "reason": None,
         }
     ]
-    assert members_now == [{"user_id": "u1", "value": True}, {"user_id": "u2", "value": True}]
+    assert members_now == [
+        {"user_id": "u1", "value": True},
+        {"user_id": "u2", "value": True},
+    ]
     assert [m["user_id"] for m in members_then] == ["u1", "u2", "u3"]
-    assert {k["key"]: k["members"] for k in keys} == {"beta_testers": 2, "lifetime_orders": 2}
+    assert {k["key"]: k["members"] for k in keys} == {
+        "beta_testers": 2,
+        "lifetime_orders": 2,
+    }
 
 
 def test_human_output_is_a_table_in_utc(project: Path) -> None:
@@ -134,12 +164,17 @@ def test_read_commands_never_create_the_store(project: Path) -> None:
     assert not (project / "store.db").exists()
 
 
-def test_config_comes_from_the_environment_variable(project: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_config_comes_from_the_environment_variable(
+    project: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """$AUDIENCE_SYNC_CONFIG names the config when --config is not given."""
     elsewhere = tmp_path_factory.mktemp("elsewhere")
 
     result = cli(
-        "run", "--run-now", cwd=elsewhere, env={"AUDIENCE_SYNC_CONFIG": str(project / "config.yaml")}
+        "run",
+        "--run-now",
+        cwd=elsewhere,
+        env={"AUDIENCE_SYNC_CONFIG": str(project / "config.yaml")},
     )
 
     assert result.returncode == 0, result.stderr
@@ -150,13 +185,21 @@ def test_config_comes_from_the_environment_variable(project: Path, tmp_path_fact
     ("args", "message"),
     [
         (("run",), "the scheduling daemon is not available yet"),
-        (("run", "--run-now", "--now", "yesterday"), "--now 'yesterday' is not an ISO 8601 time"),
-        (("run", "--run-now", "--audience", "nope"), "no audience or trait has the key 'nope'"),
+        (
+            ("run", "--run-now", "--now", "yesterday"),
+            "--now 'yesterday' is not an ISO 8601 time",
+        ),
+        (
+            ("run", "--run-now", "--audience", "nope"),
+            "no audience or trait has the key 'nope'",
+        ),
         (("show", "99"), "there is no run 99"),
         (("members", "nope"), "the store knows no key 'nope'"),
     ],
 )
-def test_usage_errors_exit_2_with_one_sentence(project: Path, args: tuple[str, ...], message: str) -> None:
+def test_usage_errors_exit_2_with_one_sentence(
+    project: Path, args: tuple[str, ...], message: str
+) -> None:
     """Each misuse ends in exit code 2 and one line naming the problem."""
     cli("run", "--run-now", cwd=project)
 

@@ -73,14 +73,15 @@ def test_an_unset_variable_without_default_names_it_and_its_line() -> None:
 
 def test_secrets_are_not_echoed_in_errors_or_repr() -> None:
     """A password in a URL stays out of error messages and of repr."""
-    text = HEAD.replace(
-        "sqlite:///warehouse.db", "postgresql://u:hunter2@db.internal/w"
-    ) + "schedule: {every: nonsense}\n"
+    text = (
+        HEAD.replace("sqlite:///warehouse.db", "postgresql://u:hunter2@db.internal/w")
+        + "schedule: {every: nonsense}\n"
+    )
 
     message = error_of(text)
-    config = parse(HEAD.replace(
-        "sqlite:///warehouse.db", "postgresql://u:hunter2@db.internal/w"
-    ))
+    config = parse(
+        HEAD.replace("sqlite:///warehouse.db", "postgresql://u:hunter2@db.internal/w")
+    )
 
     assert "hunter2" not in message
     assert "hunter2" not in repr(config)
@@ -90,9 +91,18 @@ def test_secrets_are_not_echoed_in_errors_or_repr() -> None:
     ("text", "expected"),
     [
         (HEAD + "schedul: {every: 2h}\n", "line 6: schedul is not a known setting"),
-        (HEAD + "audiences:\n  - name: A\n    source: warehouse\n", "line 7: audiences[0].query is required"),
-        (HEAD + "schedule:\n  every: 2 hours\n", "line 7: schedule.every '2 hours' is not a duration"),
-        (HEAD + "schedule:\n  every: 0s\n", "line 7: schedule.every must be longer than zero"),
+        (
+            HEAD + "audiences:\n  - name: A\n    source: warehouse\n",
+            "line 7: audiences[0].query is required",
+        ),
+        (
+            HEAD + "schedule:\n  every: 2 hours\n",
+            "line 7: schedule.every '2 hours' is not a duration",
+        ),
+        (
+            HEAD + "schedule:\n  every: 0s\n",
+            "line 7: schedule.every must be longer than zero",
+        ),
         (HEAD + "store: not-a-url\n", "line 6: store is not a database URL"),
         (HEAD + "store: nosuchdb://x/y\n", "names an unknown database kind"),
         (
@@ -100,7 +110,8 @@ def test_secrets_are_not_echoed_in_errors_or_repr() -> None:
             "line 4: destination.transport must be one of file, segment, plotline",
         ),
         (
-            HEAD + "audiences:\n  - {name: A, key: Bad-Key, source: warehouse, query: q}\n",
+            HEAD
+            + "audiences:\n  - {name: A, key: Bad-Key, source: warehouse, query: q}\n",
             "line 7: audiences[0].key must be lower-case letters",
         ),
         (
@@ -112,7 +123,10 @@ def test_secrets_are_not_echoed_in_errors_or_repr() -> None:
             "audiences[0].name '!!!' gives an empty key",
         ),
         (HEAD + "guard: {max_exit_fraction: 2}\n", "line 6: guard.max_exit_fraction"),
-        ("destination: {transport: file, path: a}\ndestination: {}\n", "the key 'destination' appears twice"),
+        (
+            "destination: {transport: file, path: a}\ndestination: {}\n",
+            "the key 'destination' appears twice",
+        ),
         ("sources: [unclosed\n", "is not valid YAML at line 2"),
         ("", "is empty"),
         ("- just\n- a list\n", "must be a mapping"),
@@ -158,7 +172,8 @@ def test_duplicate_explicit_keys_are_refused() -> None:
 def test_explicit_key_wins_over_the_name() -> None:
     """A definition with key: keeps that key whatever its name."""
     config = parse_config(
-        HEAD + "audiences:\n  - {name: Renamed, key: vip, source: warehouse, query: q}\n",
+        HEAD
+        + "audiences:\n  - {name: Renamed, key: vip, source: warehouse, query: q}\n",
         Path("c.yaml"),
         {},
     )
@@ -181,5 +196,7 @@ def test_selecting_an_unknown_key_lists_the_known_ones() -> None:
         {},
     )
 
-    with pytest.raises(ConfigError, match=r"no audience or trait has the key 'x' \(known keys: vip\)"):
+    with pytest.raises(
+        ConfigError, match=r"no audience or trait has the key 'x' \(known keys: vip\)"
+    ):
         config.select(["x"])

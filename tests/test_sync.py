@@ -9,13 +9,13 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from audience_sync.config import Config, FileDestination
+from audience_sync.config import Config, FileDestination, load_config
 from audience_sync.runner import RunOptions, RunResult, run_once
 from audience_sync.store import history
 from audience_sync.store import snapshot as snapshots
 from audience_sync.store.database import open_store
 from audience_sync.store.schema import changes, runs
-from tests.conftest import Warehouse
+from tests.conftest import Warehouse, write_config
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -65,12 +65,23 @@ def test_first_run_sends_every_member_as_true(
     assert result.status == "succeeded"
     assert result.exit_code == 0
     (key,) = result.keys
-    assert (key.key, key.full, key.members, key.diff.entered) == ("beta_testers", True, 3, 3)
+    assert (key.key, key.full, key.members, key.diff.entered) == (
+        "beta_testers",
+        True,
+        3,
+        3,
+    )
     assert traits_sent(config) == {"u1": True, "u2": True, "u3": True}
-    assert current_members(config, "beta_testers") == {"u1": "true", "u2": "true", "u3": "true"}
+    assert current_members(config, "beta_testers") == {
+        "u1": "true",
+        "u2": "true",
+        "u3": "true",
+    }
 
 
-def test_identify_message_has_the_engage_shape(make_config: Any, warehouse: Warehouse) -> None:
+def test_identify_message_has_the_engage_shape(
+    make_config: Any, warehouse: Warehouse
+) -> None:
     """Messages carry the trait, the personas context, integrations and a stable id."""
     warehouse.set_members("Beta Testers", ["u1"])
     config = make_config()
@@ -155,14 +166,21 @@ def test_trait_values_enter_change_and_leave_as_null(
     config = make_config(audiences=[], traits=["Lifetime Orders"])
     first = sync(config)
 
-    warehouse.set_values("Lifetime Orders", {"u1": 1, "u2": 6, "u4": None, "u5": "gold"})
+    warehouse.set_values(
+        "Lifetime Orders", {"u1": 1, "u2": 6, "u4": None, "u5": "gold"}
+    )
     second = sync(config, now=NOW + timedelta(hours=2))
 
     assert first.keys[0].diff.entered == 4
     assert traits_sent(config, until=4) == {"u1": 1, "u2": 5, "u3": "vip", "u4": 2.5}
     assert (second.keys[0].diff.entered, second.keys[0].diff.changed) == (1, 1)
     assert second.keys[0].diff.exited == 2
-    assert traits_sent(config, skip=4) == {"u2": 6, "u3": None, "u4": None, "u5": "gold"}
+    assert traits_sent(config, skip=4) == {
+        "u2": 6,
+        "u3": None,
+        "u4": None,
+        "u5": "gold",
+    }
     assert current_members(config, "lifetime_orders", "null") == {
         "u1": "1",
         "u2": "6",
@@ -183,7 +201,9 @@ def test_dry_run_sends_and_records_nothing(
     engine = open_store(config.store_url.get_secret_value(), read_only=True)
     with engine.connect() as connection:
         run_count = connection.execute(select(func.count()).select_from(runs)).scalar()
-        change_count = connection.execute(select(func.count()).select_from(changes)).scalar()
+        change_count = connection.execute(
+            select(func.count()).select_from(changes)
+        ).scalar()
         keys = history.list_keys(connection)
     engine.dispose()
     assert result.run_id is None
@@ -225,10 +245,16 @@ def test_members_as_of_a_past_run_are_rebuilt_from_history(
 
     engine = open_store(config.store_url.get_secret_value(), read_only=True)
     with engine.connect() as connection:
-        as_of_first = snapshots.members(connection, "beta_testers", first.run_id, "false")
-        as_of_second = snapshots.members(connection, "beta_testers", second.run_id, "false")
+        as_of_first = snapshots.members(
+            connection, "beta_testers", first.run_id, "false"
+        )
+        as_of_second = snapshots.members(
+            connection, "beta_testers", second.run_id, "false"
+        )
         now_ = snapshots.members(connection, "beta_testers", None, "false")
-        stored_changes = connection.execute(select(func.count()).select_from(changes)).scalar()
+        stored_changes = connection.execute(
+            select(func.count()).select_from(changes)
+        ).scalar()
     engine.dispose()
 
     assert [u for u, _ in as_of_first] == ["u1", "u2"]
@@ -242,10 +268,6 @@ def test_a_failing_source_sends_nothing_and_other_audiences_go_ahead(
     tmp_path: Path, store_url: str, warehouse: Warehouse
 ) -> None:
     """A source error fails its key only; the run is partial with exit code 1."""
-    from tests.conftest import write_config
-
-    from audience_sync.config import load_config
-
     warehouse.set_members("Good", ["u1"])
     path = write_config(
         tmp_path,
@@ -275,10 +297,6 @@ def test_a_query_without_user_id_is_a_clear_failure(
     tmp_path: Path, store_url: str, warehouse: Warehouse
 ) -> None:
     """A query returning the wrong columns names the column it needs."""
-    from tests.conftest import write_config
-
-    from audience_sync.config import load_config
-
     path = write_config(
         tmp_path,
         store_url,
@@ -300,10 +318,6 @@ def test_query_gets_now_bound_as_utc_time(
     tmp_path: Path, store_url: str, warehouse: Warehouse
 ) -> None:
     """`:now` is the run's reference time, so windows move with --now."""
-    from tests.conftest import write_config
-
-    from audience_sync.config import load_config
-
     warehouse.add_events(
         [("u1", "order", "2026-02-25 10:00:00"), ("u2", "order", "2026-01-20 10:00:00")]
     )
@@ -316,7 +330,7 @@ def test_query_gets_now_bound_as_utc_time(
         store_url,
         warehouse,
         audiences=[],
-        extra=f"  - name: Recent Buyers\n    source: warehouse\n    query: \"{query}\"\n",
+        extra=f'  - name: Recent Buyers\n    source: warehouse\n    query: "{query}"\n',
     )
     config = load_config(path)
 

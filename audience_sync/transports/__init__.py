@@ -9,6 +9,8 @@ from audience_sync.config import (
 )
 from audience_sync.transports.base import Delivery, Transport
 from audience_sync.transports.file import FileTransport
+from audience_sync.transports.plotline import PlotlineTransport
+from audience_sync.transports.segment import SegmentTransport
 
 __all__ = ["Delivery", "Transport", "make_transport"]
 
@@ -19,4 +21,6 @@ def make_transport(
     """Build the transport a destination setting describes."""
     if isinstance(destination, FileDestination):
         return FileTransport(destination.path)
-    raise NotImplementedError(f"the {destination.transport} transport is not built yet")
+    if isinstance(destination, SegmentDestination):
+        return SegmentTransport(destination)
+    return PlotlineTransport(destination)
