@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -41,7 +41,6 @@ from audience_sync.errors import (
     AudienceSyncError,
     GuardError,
     LockHeldError,
-    SourceError,
     StoreError,
     SyncError,
     TransportError,
@@ -51,7 +50,7 @@ from audience_sync.sources import ReadCounts, Sources, absent_value
 from audience_sync.store import history
 from audience_sync.store import snapshot as snapshots
 from audience_sync.store.database import open_store
-from audience_sync.store.leases import Heartbeat, Leases
+from audience_sync.store.leases import Heartbeat, Leases, utcnow
 from audience_sync.store.migrate import upgrade
 from audience_sync.transports import Transport, make_transport
 
@@ -71,6 +70,7 @@ class RunOptions:
     dry_run: bool = False
     force: bool = False
     trigger: str = "manual"
+    wait: float = 0.0
 
 
 @dataclass
@@ -127,6 +127,10 @@ class RunResult:
         return EXIT_OK if self.status == "succeeded" else EXIT_INCOMPLETE
 
 
+class _Stopped(Exception):
+    """A shutdown request arrived while a key was being read."""
+
+
 def _run_status(keys: list[KeyResult]) -> str:
     if all(k.status in ("succeeded", "dry-run") for k in keys):
         return "succeeded"
@@ -171,74 +175,129 @@ class Run:
         upgrade(engine)
         leases = Leases(engine)
 
-        # Register keys first: a key that changed kind is a config error, found before
-        # anything is sent. A dry run only checks, and writes nothing.
+        # A key that changed kind is a config error, found before anything is sent.
         with engine.begin() as connection:
-            if options.dry_run:
-                for definition in definitions:
-                    history.check_kind(connection, definition)
-                computation_ids: dict[str, str] = {}
-                run_id = None
-            else:
+            for definition in definitions:
+                history.check_kind(connection, definition)
+            if not options.dry_run:
                 history.mark_interrupted(connection, leases.ttl.total_seconds())
-                computation_ids = {
-                    d.key: history.register(connection, d) for d in definitions
-                }
-                run_id = history.start_run(
-                    connection, options.now, options.trigger, options.full, leases.owner
-                )
 
-        result = RunResult(run_id=run_id, now=options.now, dry_run=options.dry_run)
+        result = RunResult(run_id=None, now=options.now, dry_run=options.dry_run)
         sources = Sources(self.config.sources)
-        transport = None if options.dry_run else self._transport_factory()
+        transport: Transport | None = None
+        heartbeat = Heartbeat(engine, leases, self._lost.update)
         try:
-            with Heartbeat(engine, leases, run_id, self._lost.update):
+            with heartbeat:
                 for definition in definitions:
                     if self.stop.is_set():
                         break
-                    key_result = self._sync_key(
-                        engine,
-                        leases,
-                        sources,
-                        transport,
-                        definition,
-                        computation_ids.get(definition.key, ""),
-                        run_id,
-                    )
-                    result.keys.append(key_result)
+                    try:
+                        leases.acquire(definition.key, result.run_id, wait=options.wait)
+                    except LockHeldError as exc:
+                        result.keys.append(
+                            KeyResult(
+                                definition.key,
+                                definition.kind,
+                                "locked",
+                                error=str(exc),
+                            )
+                        )
+                        log = (
+                            logger.info
+                            if options.trigger == "schedule"
+                            else logger.warning
+                        )
+                        log("Skipped %s: %s", definition.key, exc)
+                        continue
+
+                    try:
+                        if options.trigger == "schedule" and not self._due(
+                            engine, definition
+                        ):
+                            continue
+
+                        # A run is recorded once it has a key to sync, so replicas that
+                        # find nothing to do leave no empty runs behind.
+                        computation_id = ""
+                        if not options.dry_run:
+                            with engine.begin() as connection:
+                                if result.run_id is None:
+                                    result.run_id = history.start_run(
+                                        connection,
+                                        options.now,
+                                        options.trigger,
+                                        options.full,
+                                        leases.owner,
+                                    )
+                                    heartbeat.run_id = result.run_id
+                                computation_id = history.register(
+                                    connection, definition
+                                )
+                            if transport is None:
+                                transport = self._transport_factory()
+
+                        result.keys.append(
+                            self._sync_key(
+                                engine,
+                                sources,
+                                transport,
+                                definition,
+                                computation_id,
+                                result.run_id,
+                            )
+                        )
+                    finally:
+                        leases.release(definition.key)
         finally:
             sources.close()
             if transport is not None:
                 transport.close()
 
-        result.status = _run_status(result.keys) if result.keys else "succeeded"
-        if self.stop.is_set() and len(result.keys) < len(definitions):
-            result.status = "partial" if result.status == "succeeded" else result.status
-        if run_id is not None:
+        result.status = _run_status(result.keys)
+        if self.stop.is_set():
+            result.status = "interrupted"
+        if result.run_id is not None:
             with engine.begin() as connection:
-                history.finish_run(connection, run_id, result.status)
+                history.finish_run(
+                    connection,
+                    result.run_id,
+                    result.status,
+                    "stopped by a shutdown request" if self.stop.is_set() else None,
+                )
         return result
+
+    def _due(self, engine: Engine, definition: Definition) -> bool:
+        """Tell whether a scheduled run should sync a key now.
+
+        Several daemons may share a store: a key that one of them synced within the
+        last interval is not due, so together they sync each key once per interval.
+        """
+        with engine.begin() as connection:
+            last = history.last_success(connection, definition.key)
+        if last is None:
+            return True
+        # A little slack, so a key synced at the start of the previous run is due
+        # again at the start of this one.
+        slack = timedelta(
+            seconds=min(60.0, self.config.schedule.every.total_seconds() / 10)
+        )
+        due: bool = last <= utcnow() - self.config.schedule.every + slack
+        if not due:
+            logger.debug("Not due: %s was synced at %s", definition.key, last)
+        return due
 
     def _sync_key(
         self,
         engine: Engine,
-        leases: Leases,
         sources: Sources,
         transport: Transport | None,
         definition: Definition,
         computation_id: str,
         run_id: int | None,
     ) -> KeyResult:
-        """Sync one key under its lease and record how it went."""
+        """Sync one key (its lease already held) and record how it went."""
         result = KeyResult(key=definition.key, kind=definition.kind)
         started = time.monotonic()
-
-        try:
-            leases.acquire(definition.key, run_id)
-        except LockHeldError as exc:
-            result.status, result.error = "locked", str(exc)
-            logger.warning("Skipped %s: %s", definition.key, exc)
-            return result
 
         try:
             with engine.connect() as connection:
@@ -251,6 +310,9 @@ class Run:
                     run_id,
                     result,
                 )
+        except _Stopped:
+            result.status = "interrupted"
+            result.error = "stopped by a shutdown request"
         except SyncError as exc:
             result.status, result.error = (
                 "held" if isinstance(exc, GuardError) else "failed",
@@ -266,7 +328,6 @@ class Run:
             )
             logger.exception("The store failed while syncing %s", definition.key)
         finally:
-            leases.release(definition.key)
             result.seconds = time.monotonic() - started
             if run_id is not None:
                 self._record_end(engine, run_id, result)
@@ -332,7 +393,7 @@ class Run:
                 stage(connection, batch)
             kept += len(batch)
             if self.stop.is_set():
-                raise SourceError(f"{definition.kind} {key!r}: stopped while reading")
+                raise _Stopped
 
         with connection.begin():
             result.members = staged_count(connection)

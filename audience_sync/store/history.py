@@ -99,6 +99,15 @@ def has_history(connection: Connection, key: str) -> bool:
     )
 
 
+def last_success(connection: Connection, key: str) -> datetime | None:
+    """When the latest run that synced a key without failing started, or None."""
+    return connection.execute(
+        select(func.max(run_keys.c.started_at)).where(
+            run_keys.c.key == key, run_keys.c.status.in_(["succeeded", "partial"])
+        )
+    ).scalar_one_or_none()
+
+
 def start_run(
     connection: Connection, now: datetime, trigger: str, full: bool, owner: str
 ) -> int:

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,8 +104,24 @@ class Leases:
             return postgresql.insert(leases)
         return sqlite.insert(leases)
 
-    def acquire(self, key: str, run_id: int | None) -> None:
-        """Take the lease of a key, or raise LockHeldError naming its holder."""
+    def acquire(self, key: str, run_id: int | None, wait: float = 0.0) -> None:
+        """Take the lease of a key, waiting up to `wait` seconds for its holder.
+
+        Raises:
+            LockHeldError: another live process still holds it; the message names it.
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self._try_acquire(key, run_id)
+                return
+            except LockHeldError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                time.sleep(min(0.5, left))
+
+    def _try_acquire(self, key: str, run_id: int | None) -> None:
         now = utcnow()
         with self._engine.begin() as connection:
             holder = connection.execute(
@@ -187,12 +204,11 @@ class Heartbeat:
         self,
         engine: Engine,
         leases_: Leases,
-        run_id: int | None,
         on_lost: Callable[[list[str]], None],
     ) -> None:
         self._engine = engine
         self._leases = leases_
-        self._run_id = run_id
+        self.run_id: int | None = None
         self._on_lost = on_lost
         self._stopped = threading.Event()
         self._thread = threading.Thread(
@@ -212,11 +228,12 @@ class Heartbeat:
         while not self._stopped.wait(interval):
             try:
                 lost = self._leases.renew()
-                if self._run_id is not None:
+                run_id = self.run_id
+                if run_id is not None:
                     with self._engine.begin() as connection:
                         connection.execute(
                             update(runs)
-                            .where(runs.c.id == self._run_id)
+                            .where(runs.c.id == run_id)
                             .values(heartbeat_at=utcnow())
                         )
             except Exception:
