@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -26,7 +25,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from audience_sync import __version__
 from audience_sync.config import Config, config_path, load_config
 from audience_sync.errors import EXIT_USAGE, AudienceSyncError, StoreError, UsageError
+from audience_sync.logs import LogFormat, setup_logging
 from audience_sync.runner import RunOptions, RunResult, run_once
+from audience_sync.scheduler import Daemon
 from audience_sync.store import history
 from audience_sync.store import snapshot as snapshots
 from audience_sync.store.database import open_store
@@ -46,19 +47,6 @@ def _console() -> Console:
     if not console.is_terminal:
         console = Console(highlight=False, width=160)
     return console
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%SZ",
-    )
-    logging.Formatter.converter = time.gmtime  # log times in UTC, as everything else
-    # httpx logs every request URL at INFO; a URL can carry what should stay private.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def handle_errors(function: F) -> F:
@@ -146,12 +134,24 @@ def _dump(data: Any) -> None:
     default=None,
     help="Log level on stderr [default: info for run, warning otherwise].",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines for people, or JSON lines for log shippers.",
+)
 @click.version_option(__version__, prog_name="audience-sync")
 @click.pass_context
-def cli(ctx: click.Context, config_option: str | None, log_level: str | None) -> None:
+def cli(
+    ctx: click.Context,
+    config_option: str | None,
+    log_level: str | None,
+    log_format: LogFormat,
+) -> None:
     """Keep Plotline user attributes in step with audiences in your SQL databases."""
     is_run = ctx.invoked_subcommand == "run"
-    _setup_logging(log_level or ("info" if is_run else "warning"))
+    setup_logging(log_level or ("info" if is_run else "warning"), log_format)
     ctx.obj = Context(config_option)
 
 
@@ -176,6 +176,26 @@ def cli(ctx: click.Context, config_option: str | None, log_level: str | None) ->
 @click.option("--force", is_flag=True, help="Send even when the collapse guard holds.")
 @click.option("--now", "now_text", metavar="ISO8601", help="Reference time of the run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --run-now: wait this long for another process's lease.",
+)
+@click.option(
+    "--health-port",
+    type=click.IntRange(0, 65535),
+    metavar="PORT",
+    help="Daemon: serve /healthz and /metrics on this port.",
+)
+@click.option(
+    "--health-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Daemon: the address /healthz and /metrics listen on.",
+)
 @pass_context
 @handle_errors
 def run(
@@ -187,13 +207,29 @@ def run(
     force: bool,
     now_text: str | None,
     as_json: bool,
+    wait: float,
+    health_port: int | None,
+    health_host: str,
 ) -> None:
     """Sync audiences and traits: once with --run-now, else as a daemon."""
     if not run_now:
-        raise UsageError(
-            "the scheduling daemon is not available yet; use `run --run-now` "
-            "(for example from cron every two hours)"
+        one_shot = {
+            "--audience": keys,
+            "--full": full,
+            "--dry-run": dry_run,
+            "--force": force,
+            "--now": now_text,
+            "--json": as_json,
+        }
+        given = [name for name, value in one_shot.items() if value]
+        if given:
+            raise UsageError(f"{given[0]} works only with --run-now")
+        daemon = Daemon(
+            config_path(context.config_option),
+            context.config,
+            health_address=None if health_port is None else (health_host, health_port),
         )
+        sys.exit(daemon.run_forever())
 
     options = RunOptions(
         now=_parse_now(now_text),
@@ -201,6 +237,7 @@ def run(
         full=full,
         dry_run=dry_run,
         force=force,
+        wait=wait,
     )
     result = run_once(context.config, options)
 

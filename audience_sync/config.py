@@ -301,8 +301,12 @@ class Schedule(_Strict):
 
     every: timedelta = timedelta(hours=2)
     jitter: timedelta = timedelta(hours=1)
+    shutdown_timeout: timedelta = Field(
+        default=timedelta(seconds=30),
+        description="How long a stopping daemon lets in-flight work finish.",
+    )
 
-    @field_validator("every", "jitter", mode="before")
+    @field_validator("every", "jitter", "shutdown_timeout", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> timedelta:
         return parse_duration(value)

@@ -118,6 +118,7 @@ class RunResult:
     dry_run: bool
     keys: list[KeyResult] = field(default_factory=list)
     status: str = "running"
+    retries: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -251,6 +252,7 @@ class Run:
         finally:
             sources.close()
             if transport is not None:
+                result.retries = int(getattr(transport, "retries", 0))
                 transport.close()
 
         result.status = _run_status(result.keys)

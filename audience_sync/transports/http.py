@@ -236,7 +236,6 @@ class HttpTransport:
         url: str,
         key: SecretStr,
         *,
-        extra_headers: dict[str, str] | None = None,
         http_transport: httpx.BaseTransport | None = None,
         clock: Clock = time.monotonic,
         sleep: Sleep = wait_or_stop,
@@ -276,7 +275,6 @@ class HttpTransport:
             "Authorization": basic_auth(key),
             "User-Agent": USER_AGENT,
             "Content-Type": "application/json",
-            **(extra_headers or {}),
         }
         self._client = httpx.Client(
             headers=headers,
@@ -366,11 +364,11 @@ class HttpTransport:
                     throttled += 1
                     with self._lock:
                         self.rate_limited += 1
-                    kind = "429 (rate limited)"
+                    kind = "HTTP 429 (rate limited)"
                     wait = self._rate_limit_wait(retry_after, throttled)
                 elif status == 408 or status >= 500:
                     failures += 1
-                    kind = f"{status}"
+                    kind = f"HTTP {status}"
                     wait = full_jitter(failures, self._max_wait, self._rng)
                 elif status in (401, 403):
                     self._halt(
@@ -440,7 +438,8 @@ class HttpTransport:
         with self._lock:
             if self._halted is None:
                 self._halted = TerminalTransportError(message)
-                logger.warning("%s", message)
+                # The run logs the error it gets from send; once is enough.
+                logger.debug("%s", message)
 
     def _raise_if_halted(self) -> None:
         if self._halted is not None:
