@@ -38,7 +38,7 @@ from audience_sync.store.leases import utcnow
 logger = logging.getLogger(__name__)
 
 # The *_created series double the output and nothing here needs them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:
