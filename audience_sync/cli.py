@@ -245,6 +245,9 @@ def run(
         _dump(_run_result_json(result))
     else:
         _print_run_result(_console(), result)
+    for key in result.keys:
+        if key.status == "locked":
+            click.echo(f"error: {key.error}", err=True)
     sys.exit(result.exit_code)
 
 
