@@ -184,7 +184,7 @@ def test_config_comes_from_the_environment_variable(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("run",), "the scheduling daemon is not available yet"),
+        (("run", "--full"), "--full works only with --run-now"),
         (
             ("run", "--run-now", "--now", "yesterday"),
             "--now 'yesterday' is not an ISO 8601 time",
