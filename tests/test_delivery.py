@@ -52,7 +52,7 @@ def demo_definitions() -> list[dict[str, Any]]:
 
 
 def truth(warehouse: Path, now: str = NOW) -> dict[str, dict[str, Any]]:
-    """`{user_id: {key: value}}` straight from the warehouse, as Plotline should hold it."""
+    """`{user_id: {key: value}}` straight from the warehouse: what Plotline should hold."""
     stamp = datetime.fromisoformat(now).strftime("%Y-%m-%d %H:%M:%S.%f")
     state: dict[str, dict[str, Any]] = {}
     with sqlite3.connect(warehouse) as db:
@@ -144,7 +144,7 @@ def emulated(emulator: Emulator) -> dict[str, dict[str, Any]]:
 def test_demo_audiences_arrive_intact_through_every_fault(
     transport: str, tmp_path: Path, demo_warehouse: Path
 ) -> None:
-    """20% 429, 10% 500, three users refused, a hung and a dropped request: truth holds."""
+    """20% 429s, 10% 500s, 3 users refused, a hung and a dropped request: truth holds."""
     with Emulator("secret-wk", "secret-ak", seed=3) as emulator:
         emulator.set_faults(
             rate_limit=0.2,
@@ -177,7 +177,9 @@ def test_demo_audiences_arrive_intact_through_every_fault(
     assert "secret-ak" not in first.stderr + first.stdout
     assert state == without(expected, REJECTED)
     assert all(user in expected for user in REJECTED)
-    assert faulted["429"] > 0 and faulted["500"] > 0 and faulted["hang"] == 1
+    assert faulted["429"] > 0
+    assert faulted["500"] > 0
+    assert faulted["hang"] == 1
     assert {c["user_id"] for c in rejected} == set(REJECTED)
     assert {c["status_code"] for c in rejected} == {400}
     assert runs[1]["status"] == "partial"
@@ -276,8 +278,10 @@ def test_the_collapse_guard_holds_an_emptied_audience(tmp_path: Path) -> None:
         "sources: {w: sqlite:///w.db}\n"
         "destination: {transport: file, path: out.jsonl}\n"
         "audiences:\n"
-        "  - {name: Big, source: w, query: \"SELECT user_id FROM m WHERE aud = 'big'\"}\n"
-        "  - {name: Small, source: w, query: \"SELECT user_id FROM m WHERE aud = 'small'\"}\n"
+        "  - {name: Big, source: w,\n"
+        "     query: \"SELECT user_id FROM m WHERE aud = 'big'\"}\n"
+        "  - {name: Small, source: w,\n"
+        "     query: \"SELECT user_id FROM m WHERE aud = 'small'\"}\n"
     )
     cli(tmp_path, "run", "--run-now")
     with sqlite3.connect(warehouse) as db:
