@@ -52,7 +52,7 @@ def demo_definitions() -> list[dict[str, Any]]:
 
 
 def truth(warehouse: Path, now: str = NOW) -> dict[str, dict[str, Any]]:
-    """`{user_id: {key: value}}` straight from the warehouse: what Plotline should hold."""
+    """`{user_id: {key: value}}` from the warehouse: what Plotline should hold."""
     stamp = datetime.fromisoformat(now).strftime("%Y-%m-%d %H:%M:%S.%f")
     state: dict[str, dict[str, Any]] = {}
     with sqlite3.connect(warehouse) as db:
@@ -144,7 +144,7 @@ def emulated(emulator: Emulator) -> dict[str, dict[str, Any]]:
 def test_demo_audiences_arrive_intact_through_every_fault(
     transport: str, tmp_path: Path, demo_warehouse: Path
 ) -> None:
-    """20% 429s, 10% 500s, 3 users refused, a hung and a dropped request: truth holds."""
+    """20% 429s, 10% 500s, 3 users refused, a hung and a dropped request."""
     with Emulator("secret-wk", "secret-ak", seed=3) as emulator:
         emulator.set_faults(
             rate_limit=0.2,
