@@ -90,6 +90,7 @@ from sqlalchemy import (
     Date,
     DateTime,
     Engine,
+    Float,
     Integer,
     MetaData,
     Numeric,
@@ -102,6 +103,7 @@ from sqlalchemy import (
     cast,
     exists,
     func,
+    inspect,
     select,
     union,
 )
@@ -250,7 +252,7 @@ class _Windowed(_Strict):
 
     within: timedelta | None = None
     between: tuple[datetime, datetime] | None = None
-    where: tuple[Filter, ...] = ()
+    where: list[Filter] = Field(default_factory=list)
 
     @field_validator("within", mode="before")
     @classmethod
@@ -312,13 +314,13 @@ class TraitCondition(_Comparison):
 class AllOf(_Strict):
     """Users who pass every condition."""
 
-    all: tuple[Condition, ...] = Field(min_length=1)
+    all: list[Condition] = Field(min_length=1)
 
 
 class AnyOf(_Strict):
     """Users who pass at least one condition."""
 
-    any: tuple[Condition, ...] = Field(min_length=1)
+    any: list[Condition] = Field(min_length=1)
 
 
 class Not(_Strict):
@@ -565,11 +567,28 @@ def _type_from_name(name: str) -> TypeEngine[Any]:
         return Date()
     if upper in ("BOOLEAN", "BOOL"):
         return Boolean()
-    if upper.startswith(("DECIMAL", "NUMERIC", "DOUBLE", "FLOAT", "REAL")):
-        return Numeric(asdecimal=False)
+    if upper.startswith(("DECIMAL", "NUMERIC")):
+        return Numeric()
+    if upper.startswith(("DOUBLE", "FLOAT", "REAL")):
+        return Float()
     if upper.endswith("INT") or upper in ("INTEGER", "HUGEINT", "UHUGEINT"):
         return Integer()
     return NullType()
+
+
+_HOLDS: dict[Kind, str] = {
+    "text": "text",
+    "number": "numbers",
+    "boolean": "true or false",
+    "datetime": "times",
+    "date": "dates",
+    "other": "values of another kind",
+}
+
+
+def _name(of: ColumnElement[Any]) -> str:
+    """A column's name, quoted, for messages."""
+    return repr(getattr(of, "name", "the column"))
 
 
 def event_table_name(event: str) -> str:
@@ -607,28 +626,42 @@ class _Compiler:
         if name in self.tables:
             return self.tables[name]
 
-        found: Table | None
+        # Only the columns matter here: reading keys and indexes too would cost
+        # several more catalog queries per table on every run.
+        columns: list[tuple[str, TypeEngine[Any]]] | None
         if self.dialect.name in _REFLECT_FROM_INFORMATION_SCHEMA:
-            found = self._reflect_from_information_schema(name)
+            columns = self._columns_from_information_schema(name)
         else:
             try:
-                found = Table(
-                    name,
-                    self.metadata,
-                    autoload_with=self.bind,
-                    schema=self.layout.schema_,
-                )
+                columns = [
+                    (found["name"], found["type"])
+                    for found in inspect(self.bind).get_columns(
+                        name, schema=self.layout.schema_
+                    )
+                ]
             except NoSuchTableError:
-                found = None
-        self.tables[name] = found
-        return found
+                columns = None
 
-    def _reflect_from_information_schema(self, name: str) -> Table | None:
+        reflected = None
+        if columns:
+            reflected = Table(
+                name,
+                self.metadata,
+                *(Column(n, t) for n, t in columns),
+                schema=self.layout.schema_,
+            )
+        self.tables[name] = reflected
+        return reflected
+
+    def _columns_from_information_schema(
+        self, name: str
+    ) -> list[tuple[str, TypeEngine[Any]]]:
+        """A table's columns and types, read from information_schema."""
         columns = lightweight_table(
             "columns",
             *(
-                lightweight_column(name)
-                for name in (
+                lightweight_column(field)
+                for field in (
                     "table_catalog",
                     "table_schema",
                     "table_name",
@@ -655,15 +688,7 @@ class _Compiler:
         else:
             with self.bind.connect() as connection:
                 rows = connection.execute(query).all()
-        if not rows:
-            return None
-
-        return Table(
-            name,
-            self.metadata,
-            *(Column(str(n), _type_from_name(str(t))) for n, t in rows),
-            schema=schema,
-        )
+        return [(str(n), _type_from_name(str(t))) for n, t in rows]
 
     def require_table(self, name: str, path: str, why: str) -> Table:
         """A table of the layout that must exist."""
@@ -706,7 +731,8 @@ class _Compiler:
             return "datetime" if isinstance(type_, DateTime) else "date"
         if isinstance(type_, Boolean):
             return "boolean"
-        if isinstance(type_, Integer | Numeric):
+        # Float is no Numeric since SQLAlchemy 2.1: name both.
+        if isinstance(type_, Integer | Numeric | Float):
             return "number"
         return "other"
 
@@ -746,7 +772,7 @@ class _Compiler:
     def coerce(self, value: Scalar, of: ColumnElement[Any], path: str) -> Any:
         """A declared value in the form the column holds, or a clear error."""
         kind = self.kind(of)
-        name = repr(getattr(of, "name", "the column"))
+        holds = f"and {_name(of)} holds {_HOLDS[kind]}"
         if kind == "text":
             if isinstance(value, bool):
                 return "true" if value else "false"
@@ -767,18 +793,18 @@ class _Compiler:
                         return number(value)
                     except ValueError:
                         pass
-            raise DeclarationError(f"{path}: {value!r} is not a number, as {name} is")
+            raise DeclarationError(f"{path}: {value!r} is not a number, {holds}")
 
         if kind == "boolean":
             if isinstance(value, bool):
                 return value
             if isinstance(value, str) and value.lower() in ("true", "false"):
                 return value.lower() == "true"
-            raise DeclarationError(f"{path}: {value!r} is not true or false, as {name}")
+            raise DeclarationError(f"{path}: {value!r} is not true or false, {holds}")
 
         if kind in ("datetime", "date"):
             if isinstance(value, bool | int | float):
-                raise DeclarationError(f"{path}: {value!r} is not a time, as {name} is")
+                raise DeclarationError(f"{path}: {value!r} is not a time, {holds}")
             try:
                 moment = _parse_moment(value)
             except ValueError as exc:
@@ -808,8 +834,8 @@ class _Compiler:
         if op in _TEXT_OPS:
             if kind not in ("text", "other"):
                 raise DeclarationError(
-                    f"{path}.op: {op} needs a text column, and "
-                    f"{getattr(of, 'name', 'this column')!r} holds {kind} values"
+                    f"{path}.op: {op} needs a text column, and {_name(of)} "
+                    f"holds {_HOLDS[kind]}"
                 )
             needle = bindparam("value", value, String(), unique=True)
             if op == "contains":
@@ -1040,7 +1066,7 @@ class _Compiler:
         if field in ("sum", "average") and kind not in ("number", "other"):
             raise DeclarationError(
                 f"{path}.{field}: {field} needs a number column, and {name!r} "
-                f"holds {kind} values"
+                f"holds {_HOLDS[kind]}"
             )
 
         matching = (

@@ -142,7 +142,7 @@ class Sources:
                 columns = list(result.keys())
                 user_index, value_index = _columns(definition, columns, label)
 
-                for partition in result.partitions():
+                for partition in result.partitions(batch_size):
                     yield _batch(
                         definition, partition, user_index, value_index, counts, label
                     )
