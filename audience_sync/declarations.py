@@ -38,23 +38,36 @@ and every computed trait also takes `within`/`between` and `where`.
 
 Decisions:
 
+- An event's table is the snake_case of its name (`audience_sync.keys.snake_case`:
+  `Order Completed` -> `order_completed`, `productViewed` -> `product_viewed`).
 - Identity: an event belongs to its trimmed `user_id`; when that is null or blank, to
   the user `identifies` links its `anonymous_id` to, the smallest trimmed user id in
-  byte order when several are linked. Events with neither are ignored.
+  byte order when several are linked. Events with neither, and events without a
+  timestamp, are ignored.
 - The universe of users (for `not`, `not_performed`, and counts that accept zero such
   as `at_most` and `exactly: 0`) is the trimmed, non-blank ids of `users` together with
   every user id that `tracks` events up to `now` resolve to.
+- Values are bound parameters, converted to the column's kind first (`"50"` for a
+  number column is 50, `10115` for a text column is `'10115'`); a value that cannot be
+  converted is an error. `contains`/`starts_with` need a text column.
 - `first`/`last`/`min`/`max`/`sum`/`average`/`distinct_count`/`most_frequent` only
   look at events whose property is set; a user without one gets no row, so the sync
   sends null when they drop out. Ties at the same timestamp (`first`, `last`) and
   between equally frequent values (`most_frequent`) go to the smallest value.
+  `average` is computed in double precision on every database.
 - Timestamps are compared against bounds computed in Python and bound as parameters:
   as `'YYYY-MM-DD HH:MM:SS'` text when the column is text (and always on SQLite, which
   stores them as text), else as a UTC datetime, naive or aware like the column.
+- The compiled SQL is the same on every dialect but two spots they require:
+  PostgreSQL compares and sorts text with `COLLATE "C"` (byte order, as SQLite and
+  DuckDB do), and SQLite finds `contains` with instr() for want of POSITION.
 
 Shapes (ops, windows, counts) are checked by the pydantic models when the config is
-loaded; names that need the database (tables, columns, value types) are checked when
-a declaration is compiled, or up front by `check_declaration`.
+loaded (`Condition` and `Compute` are annotated unions to embed in a settings model,
+`parse_condition`/`parse_compute` validate alone); the names that need the database
+(tables, columns, value kinds) are checked when a declaration is compiled
+(`compile_audience`, `compile_trait`), or up front by `check_declaration`. `explain`
+renders a compiled statement with its values in place.
 """
 
 from __future__ import annotations
@@ -89,6 +102,7 @@ from sqlalchemy import (
     Connection,
     Date,
     DateTime,
+    Double,
     Engine,
     Float,
     Integer,
@@ -109,7 +123,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import column as lightweight_column
 from sqlalchemy import table as lightweight_table
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Dialect, Inspector
 from sqlalchemy.exc import CompileError, NoSuchTableError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -131,6 +145,8 @@ class DeclarationError(ValueError):
 
 
 class _Strict(BaseModel):
+    """Unknown keys are errors, and a parsed declaration never changes."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -203,6 +219,11 @@ class Filter(_Comparison):
     property: str = Field(min_length=1)
 
 
+_WINDOW = re.compile(r"(?:\d+[dhm])+")
+_WINDOW_PART = re.compile(r"(\d+)([dhm])")
+_WINDOW_MINUTES = {"d": 24 * 60, "h": 60, "m": 1}
+
+
 def _parse_window(value: Any) -> Any:
     """Turn `30d`, `12h`, `90m` (or `1d12h`) into a timedelta."""
     if value is None or isinstance(value, timedelta):
@@ -217,11 +238,6 @@ def _parse_window(value: Any) -> Any:
     if minutes == 0:
         raise ValueError("must be longer than zero")
     return timedelta(minutes=minutes)
-
-
-_WINDOW = re.compile(r"(?:\d+[dhm])+")
-_WINDOW_PART = re.compile(r"(\d+)([dhm])")
-_WINDOW_MINUTES = {"d": 24 * 60, "h": 60, "m": 1}
 
 
 def _parse_moment(value: Any) -> datetime:
@@ -429,6 +445,7 @@ def _tagger(kinds: Mapping[str, type[BaseModel]]) -> Callable[[Any], str | None]
 
 
 def _must_have(kinds: Mapping[str, type[BaseModel]]) -> str:
+    """The error for a mapping with none of the keys that decide the kind."""
     names = list(kinds)
     return f"must be a mapping with one of {', '.join(names[:-1])} or {names[-1]}"
 
@@ -526,13 +543,14 @@ class _position(FunctionElement[int]):
 
 @compiles(_position)
 def _position_standard(element: _position, compiler: SQLCompiler, **kw: Any) -> str:
+    """Standard SQL, as PostgreSQL, DuckDB and most others take it."""
     needle, haystack = (compiler.process(c, **kw) for c in element.clauses)
     return f"POSITION({needle} IN {haystack})"
 
 
 @compiles(_position, "sqlite")
 def _position_sqlite(element: _position, compiler: SQLCompiler, **kw: Any) -> str:
-    # SQLite has no POSITION, and its LIKE ignores case, so instr() it is.
+    """SQLite has no POSITION (and its LIKE ignores case): instr()."""
     needle, haystack = (compiler.process(c, **kw) for c in element.clauses)
     return f"instr({haystack}, {needle})"
 
@@ -613,6 +631,14 @@ class _Compiler:
         self.now = now.astimezone(UTC)
         self.metadata = MetaData()
         self.tables: dict[str, Table | None] = {}
+        self._inspector: Inspector | None = None
+
+    @property
+    def inspector(self) -> Inspector:
+        """One inspector for the whole compilation, so it caches what it reads."""
+        if self._inspector is None:
+            self._inspector = inspect(self.bind)
+        return self._inspector
 
     # -- names -------------------------------------------------------------
 
@@ -635,7 +661,7 @@ class _Compiler:
             try:
                 columns = [
                     (found["name"], found["type"])
-                    for found in inspect(self.bind).get_columns(
+                    for found in self.inspector.get_columns(
                         name, schema=self.layout.schema_
                     )
                 ]
@@ -705,9 +731,19 @@ class _Compiler:
             raise DeclarationError(
                 f"{path}: no table {self.qualified(name or '?')} for event {event!r}"
             )
-        for needed in ("user_id", "anonymous_id", "timestamp"):
-            self.column(found, needed, path)
+        self.check_event_columns(found, path)
         return found
+
+    def check_event_columns(self, events: Table, path: str) -> None:
+        """The identity and time columns every event table has, of a usable type."""
+        for needed in ("user_id", "anonymous_id", "timestamp"):
+            self.column(events, needed, path)
+        kind = self.kind(events.c.timestamp)
+        if kind not in ("text", "datetime", "other"):
+            raise DeclarationError(
+                f"{path}: {self.qualified(events.name)}.timestamp holds "
+                f"{_HOLDS[kind]}; it must be a timestamp or 'YYYY-MM-DD HH:MM:SS' text"
+            )
 
     def column(self, source: Table, name: str, path: str) -> ColumnElement[Any]:
         """A column that must exist, with a suggestion when it does not."""
@@ -954,8 +990,7 @@ class _Compiler:
         tracks = self.require_table(
             self.layout.tracks, path, "the users a condition can match"
         )
-        for needed in ("user_id", "anonymous_id", "timestamp"):
-            self.column(tracks, needed, path)
+        self.check_event_columns(tracks, path)
 
         seen = self.events_of(tracks, (), path).subquery()
         return union(
@@ -1119,7 +1154,8 @@ _EVENT_KEYS = ("user_id", "timestamp")
 
 _AGGREGATES: dict[str, Callable[[ColumnElement[Any]], ColumnElement[Any]]] = {
     "sum": func.sum,
-    "average": func.avg,
+    # As double precision everywhere: PostgreSQL would average integers as numeric.
+    "average": lambda value: func.avg(cast(value, Double())),
     "min": func.min,
     "max": func.max,
     "distinct_count": lambda value: func.count(value.distinct()),

@@ -8,13 +8,12 @@ pending, to be paged through and sent.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import (
     Column,
     Connection,
-    Insert,
     MetaData,
     Select,
     String,
@@ -30,7 +29,6 @@ from sqlalchemy import (
     select,
     union_all,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 
 from audience_sync.store.schema import changes, snapshot
 
@@ -47,6 +45,10 @@ staged = Table(
 _CREATE_STAGED = (
     "CREATE TEMPORARY TABLE IF NOT EXISTS staged "
     "(user_id VARCHAR(255) PRIMARY KEY, value TEXT NOT NULL)"
+)
+_CREATE_LANDING = (
+    "CREATE TEMPORARY TABLE IF NOT EXISTS staged_landing "
+    "(user_id VARCHAR(255) NOT NULL, value TEXT NOT NULL)"
 )
 
 
@@ -66,25 +68,52 @@ class DiffCounts:
 
 
 def start_staging(connection: Connection) -> None:
-    """Create the staging table on this connection, or empty the one already there."""
+    """Create the staging tables on this connection, or empty the ones already there."""
     connection.exec_driver_sql(_CREATE_STAGED)
     connection.execute(staged.delete())
-
-
-def _insert_ignoring_duplicates(connection: Connection) -> Insert:
-    """An INSERT into staging that keeps the first row of a duplicated user."""
     if connection.dialect.name == "postgresql":
-        return postgresql.insert(staged).on_conflict_do_nothing()
+        connection.exec_driver_sql(_CREATE_LANDING)
+        connection.exec_driver_sql("TRUNCATE staged_landing")
+    elif connection.dialect.name != "sqlite":
+        raise NotImplementedError(f"a {connection.dialect.name} store is not supported")
+
+
+def stage(connection: Connection, rows: Sequence[tuple[str, str]]) -> None:
+    """Add a batch of `(user_id, value)` rows; a user already staged keeps its row.
+
+    The hot path of a run, so it talks to the driver directly: SQLite's executemany
+    with INSERT OR IGNORE, and PostgreSQL's COPY into a landing table that
+    `finish_staging` folds into `staged`.
+    """
+    if not rows:
+        return
+    driver = connection.connection.driver_connection
+    assert driver is not None
     if connection.dialect.name == "sqlite":
-        return sqlite.insert(staged).on_conflict_do_nothing()
-    raise NotImplementedError(f"staging on {connection.dialect.name} is not supported")
+        driver.executemany(
+            "INSERT OR IGNORE INTO staged (user_id, value) VALUES (?, ?)", rows
+        )
+        return
+
+    with (
+        driver.cursor() as cursor,
+        cursor.copy("COPY staged_landing (user_id, value) FROM STDIN") as copy,
+    ):
+        for row in rows:
+            copy.write_row(row)
 
 
-def stage(connection: Connection, rows: Iterable[tuple[str, str]]) -> None:
-    """Add a batch of `(user_id, value)` rows; a user already staged keeps its row."""
-    batch = [{"user_id": user_id, "value": value} for user_id, value in rows]
-    if batch:
-        connection.execute(_insert_ignoring_duplicates(connection), batch)
+def finish_staging(connection: Connection) -> None:
+    """Make `staged` hold every staged user once (PostgreSQL lands rows first)."""
+    if connection.dialect.name == "postgresql":
+        # COPY cannot skip duplicates; the first row of a user wins, as on SQLite.
+        connection.exec_driver_sql(
+            "INSERT INTO staged (user_id, value) "
+            "SELECT user_id, value FROM staged_landing ORDER BY ctid "
+            "ON CONFLICT (user_id) DO NOTHING"
+        )
+        connection.exec_driver_sql("TRUNCATE staged_landing")
+        connection.exec_driver_sql("ANALYZE staged")
 
 
 def staged_count(connection: Connection) -> int:

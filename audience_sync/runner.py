@@ -29,6 +29,7 @@ from audience_sync.diff import (
     count_diff,
     diff_select,
     exits_without_recording,
+    finish_staging,
     record_changes,
     stage,
     staged_count,
@@ -398,6 +399,7 @@ class Run:
                 raise _Stopped
 
         with connection.begin():
+            finish_staging(connection)
             result.members = staged_count(connection)
         result.skipped = read.skipped
         result.duplicates = kept - result.members

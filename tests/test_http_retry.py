@@ -95,7 +95,7 @@ def make_messages(count: int, padding: int = 0) -> list[Message]:
         }
         if padding:
             body["context"] = {"padding": "x" * padding}
-        messages.append(Message(change_id=i, user_id=f"u{i}", body=body))
+        messages.append(Message.from_body(i, f"u{i}", body))
     return messages
 
 

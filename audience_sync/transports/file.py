@@ -9,8 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-import orjson
-
 from audience_sync.errors import TerminalTransportError
 from audience_sync.messages import Message
 from audience_sync.transports.base import ACKNOWLEDGED, Delivery
@@ -48,12 +46,7 @@ class FileTransport:
         """Write the batch, flush and fsync it, then acknowledge every message."""
         try:
             handle = self._open()
-            handle.write(
-                b"".join(
-                    orjson.dumps(m.body, option=orjson.OPT_APPEND_NEWLINE)
-                    for m in messages
-                )
-            )
+            handle.write(b"".join(m.encoded + b"\n" for m in messages))
             handle.flush()
             os.fsync(handle.fileno())
         except OSError as exc:

@@ -14,7 +14,6 @@ import time
 from collections.abc import Sequence
 
 import httpx
-import orjson
 
 from audience_sync.config import PlotlineDestination
 from audience_sync.messages import Message
@@ -56,7 +55,7 @@ class PlotlineTransport(HttpTransport):
         self, messages: Sequence[Message], deliveries: list[Delivery]
     ) -> list[Job]:
         return [
-            functools.partial(self._deliver, index, orjson.dumps(message.body))
+            functools.partial(self._deliver, index, message.encoded)
             for index, message in enumerate(messages)
         ]
 

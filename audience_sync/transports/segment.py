@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import httpx
-import orjson
 
 from audience_sync.config import SegmentDestination
 from audience_sync.messages import Message, iso_utc
@@ -92,7 +91,7 @@ class SegmentTransport(HttpTransport):
     def _jobs(
         self, messages: Sequence[Message], deliveries: list[Delivery]
     ) -> list[Job]:
-        encoded = [orjson.dumps(message.body) for message in messages]
+        encoded = [message.encoded for message in messages]
 
         # Segment refuses a message over 32 KB whatever happens, so it is not sent.
         fits: list[int] = []
