@@ -206,16 +206,3 @@ def record_changes(
         .group_by(changes.c.kind)
     ).all()
     return DiffCounts(**{kind: count for kind, count in rows})
-
-
-def exits_without_recording(connection: Connection, key: str) -> tuple[int, int]:
-    """Return `(snapshot size, users that would leave)` for the guard, cheaply."""
-    size = connection.execute(
-        select(func.count()).select_from(snapshot).where(snapshot.c.key == key)
-    ).scalar_one()
-    kept = connection.execute(
-        select(func.count())
-        .select_from(staged.join(snapshot, snapshot.c.user_id == staged.c.user_id))
-        .where(snapshot.c.key == key)
-    ).scalar_one()
-    return size, size - kept

@@ -28,7 +28,6 @@ from audience_sync.diff import (
     DiffCounts,
     count_diff,
     diff_select,
-    exits_without_recording,
     finish_staging,
     record_changes,
     stage,
@@ -404,15 +403,13 @@ class Run:
         result.skipped = read.skipped
         result.duplicates = kept - result.members
 
-        # 2. Guard against a collapse before anything is recorded.
-        with connection.begin():
-            self._check_guard(connection, definition, result)
-
-        # 3. Diff against the snapshot.
+        # 2. Diff against the snapshot, and guard against a collapse: a held key
+        # records no change at all.
         diff = diff_select(key, absent, full=options.full)
         if run_id is None:
             with connection.begin():
                 result.diff = count_diff(connection, diff)
+                self._check_guard(connection, definition, result)
                 result.preview = [
                     tuple(row)  # type: ignore[misc]
                     for row in connection.execute(
@@ -422,8 +419,13 @@ class Run:
             result.status = "dry-run"
             return
 
-        with connection.begin():
+        with connection.begin() as transaction:
             result.diff = record_changes(connection, run_id, key, diff)
+            try:
+                self._check_guard(connection, definition, result)
+            except GuardError:
+                transaction.rollback()
+                raise
             history.update_key(connection, run_id, key, **result.counts())
 
         # 4. Send, and fold what was acknowledged into the snapshot.
@@ -445,9 +447,11 @@ class Run:
         guard = self.config.guard
         if self.options.force or self.options.full:
             return
-        size, leaving = exits_without_recording(connection, definition.key)
+        leaving = result.diff.exited
+        if leaving <= guard.max_exit_fraction * guard.min_members:
+            return  # too few to trip the guard whatever the size: skip the count
+        size = snapshots.snapshot_size(connection, definition.key)
         if size >= guard.min_members and leaving > guard.max_exit_fraction * size:
-            result.diff = DiffCounts(exited=leaving)
             raise GuardError(
                 f"{leaving} of {size} members would leave at once "
                 f"(more than {guard.max_exit_fraction:.0%}); nothing was sent for "
