@@ -26,6 +26,7 @@ from audience_sync import __version__
 from audience_sync.config import Config, config_path, load_config
 from audience_sync.errors import EXIT_USAGE, AudienceSyncError, StoreError, UsageError
 from audience_sync.logs import LogFormat, setup_logging
+from audience_sync.progress import BarProgress, LogProgress
 from audience_sync.runner import RunOptions, RunResult, run_once
 from audience_sync.scheduler import Daemon
 from audience_sync.store import history
@@ -239,7 +240,13 @@ def run(
         force=force,
         wait=wait,
     )
-    result = run_once(context.config, options)
+    config = context.config
+    err_console = Console(stderr=True)
+    if err_console.is_terminal and not as_json:
+        with BarProgress(err_console) as bars:
+            result = run_once(config, options, progress=bars)
+    else:
+        result = run_once(config, options, progress=LogProgress())
 
     if as_json:
         _dump(_run_result_json(result))

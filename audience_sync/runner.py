@@ -46,6 +46,7 @@ from audience_sync.errors import (
     TransportError,
 )
 from audience_sync.messages import MessageBuilder
+from audience_sync.progress import NoProgress, RunProgress
 from audience_sync.sources import ReadCounts, Sources, absent_value
 from audience_sync.store import history
 from audience_sync.store import snapshot as snapshots
@@ -151,6 +152,7 @@ class Run:
         stop: threading.Event | None = None,
         transport_factory: Callable[[], Transport] | None = None,
         engine: Engine | None = None,
+        progress: RunProgress | None = None,
     ) -> None:
         self.config = config
         self.options = options
@@ -160,6 +162,7 @@ class Run:
         )
         self._engine = engine
         self._lost: set[str] = set()
+        self.progress: RunProgress = progress or NoProgress()
 
     def execute(self) -> RunResult:
         """Sync every selected key once and record the run."""
@@ -330,6 +333,7 @@ class Run:
             )
             logger.exception("The store failed while syncing %s", definition.key)
         finally:
+            self.progress.done(definition.key)
             result.seconds = time.monotonic() - started
             if run_id is not None:
                 self._record_end(engine, run_id, result)
@@ -394,6 +398,7 @@ class Run:
             with connection.begin():
                 stage(connection, batch)
             kept += len(batch)
+            self.progress.reading(key, len(batch))
             if self.stop.is_set():
                 raise _Stopped
 
@@ -430,6 +435,7 @@ class Run:
 
         # 4. Send, and fold what was acknowledged into the snapshot.
         assert transport is not None
+        self.progress.sending(key, result.diff.total)
         self._deliver(connection, transport, definition, computation_id, run_id, result)
 
         with connection.begin():
@@ -493,6 +499,7 @@ class Run:
                 logger.warning("Stopped sending %s: %s", key, exc)
                 break
             result.sent += len(messages)
+            self.progress.sent(key, len(messages))
 
             acknowledged = []
             with connection.begin():

@@ -38,6 +38,7 @@ from audience_sync.config import Config, load_config
 from audience_sync.durations import format_duration
 from audience_sync.errors import AudienceSyncError
 from audience_sync.health import HealthServer, Metrics, check_health
+from audience_sync.progress import LogProgress
 from audience_sync.runner import Run, RunOptions
 from audience_sync.store import history
 from audience_sync.store.database import open_store
@@ -124,6 +125,7 @@ class Daemon:
                 RunOptions(now=utcnow(), trigger="schedule"),
                 stop=self.stop,
                 engine=self._engine,
+                progress=LogProgress(),
             ).execute()
         except AudienceSyncError as exc:
             # A bad config or an unreachable store: the next run tries again.
