@@ -29,6 +29,7 @@ from audience_sync.logs import LogFormat, setup_logging
 from audience_sync.progress import BarProgress, LogProgress
 from audience_sync.runner import RunOptions, RunResult, run_once
 from audience_sync.scheduler import Daemon
+from audience_sync.sources import ReadCounts, Sources
 from audience_sync.store import history
 from audience_sync.store import snapshot as snapshots
 from audience_sync.store.database import open_store
@@ -612,6 +613,31 @@ def audiences(context: Context, as_json: bool) -> None:
             str(synced).replace("T", " ").removesuffix("Z")[:19],
         )
     _console().print(table)
+
+
+@cli.command("explain")
+@click.argument("key")
+@click.option("--now", "now_text", metavar="ISO8601", help="Reference time.")
+@pass_context
+@handle_errors
+def explain_command(context: Context, key: str, now_text: str | None) -> None:
+    """Print the SQL an audience or trait runs, and how many users it returns now."""
+    config = context.config
+    (definition,) = config.select([key])
+    now = _parse_now(now_text)
+    sources = Sources(config.sources)
+    try:
+        sql = sources.sql(definition, now)
+        counts = ReadCounts()
+        users = sum(len(batch) for batch in sources.read(definition, now, counts))
+    finally:
+        sources.close()
+
+    # Plain echo, not rich: SQL must come out exactly, unwrapped and unstyled.
+    click.echo(f"-- {definition.kind} {key} on source {definition.source!r}")
+    click.echo(sql)
+    skipped = f", {counts.skipped} blank ids skipped" if counts.skipped else ""
+    click.echo(f"-- returns {users} rows at {_time(now)} UTC{skipped}")
 
 
 # ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,6 +29,7 @@ from pydantic import (
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+from audience_sync.declarations import UNION_TAGS, Compute, Condition, EventLayout
 from audience_sync.durations import parse_duration
 from audience_sync.errors import ConfigError
 from audience_sync.keys import is_valid_key, snake_case
@@ -145,8 +146,10 @@ def _field_name(loc: tuple[int | str, ...], tree: Any) -> str:
     text = ""
     node = tree
     for part in loc:
-        if isinstance(node, dict) and node.get("transport") == part:
-            continue  # the tag pydantic adds for the destination's union
+        if (isinstance(node, dict) and node.get("transport") == part) or (
+            part in UNION_TAGS
+        ):
+            continue  # a tag pydantic adds for a union, not a name in the file
         if isinstance(part, int):
             text += f"[{part}]"
             node = node[part] if isinstance(node, list) and part < len(node) else None
@@ -189,6 +192,10 @@ class SourceSettings(_Strict):
         description="Build the demo warehouse at this SQLite URL when it is missing.",
     )
     timeout: timedelta = Field(default=timedelta(minutes=10))
+    events: EventLayout = Field(
+        default_factory=EventLayout,
+        description="Where Segment's warehouse tables are, for declared audiences.",
+    )
 
     @field_validator("url", mode="before")
     @classmethod
@@ -334,12 +341,14 @@ class Personas(_Strict):
 
 
 class DefinitionSettings(_Strict):
-    """An audience or computed trait as written in the file."""
+    """What audiences and computed traits share, as written in the file."""
 
     name: str = Field(min_length=1)
     key: str | None = None
     source: str
-    query: str = Field(min_length=1)
+    query: str | None = None
+    enabled: bool = True
+    on_remove: Literal["keep", "unset"] = "keep"
 
     @field_validator("key")
     @classmethod
@@ -353,10 +362,36 @@ class DefinitionSettings(_Strict):
 
     @field_validator("query")
     @classmethod
-    def _query(cls, value: str) -> str:
-        if not value.strip():
+    def _query(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
             raise ValueError("is empty")
         return value
+
+    def _one_of(self, declared: object, field: str) -> None:
+        if (self.query is None) == (declared is None):
+            raise ValueError(f"needs exactly one of query: and {field}:")
+
+
+class AudienceSettings(DefinitionSettings):
+    """An audience: a raw SQL `query:` or an Engage-style `condition:`."""
+
+    condition: Condition | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> AudienceSettings:
+        self._one_of(self.condition, "condition")
+        return self
+
+
+class TraitSettings(DefinitionSettings):
+    """A computed trait: a raw SQL `query:` or an Engage-style `compute:`."""
+
+    compute: Compute | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TraitSettings:
+        self._one_of(self.compute, "compute")
+        return self
 
 
 class Settings(_Strict):
@@ -368,8 +403,8 @@ class Settings(_Strict):
     schedule: Schedule = Schedule()
     guard: Guard = Guard()
     personas: Personas = Personas()
-    audiences: list[DefinitionSettings] = Field(default_factory=list)
-    traits: list[DefinitionSettings] = Field(default_factory=list)
+    audiences: list[AudienceSettings] = Field(default_factory=list)
+    traits: list[TraitSettings] = Field(default_factory=list)
 
     @field_validator("store", mode="before")
     @classmethod
@@ -401,8 +436,17 @@ class Definition:
     name: str
     key: str
     source: str
-    query: str
+    query: str | None
     explicit_key: bool
+    declaration: Condition | Compute | None = None
+    enabled: bool = True
+    on_remove: Literal["keep", "unset"] = "keep"
+    where: str = ""
+
+    @property
+    def label(self) -> str:
+        """How messages name it: its place in the file and its name."""
+        return f"{self.where} ({self.name!r})" if self.where else repr(self.name)
 
 
 @dataclass(frozen=True)
@@ -413,6 +457,7 @@ class Source:
     url: SecretStr
     demo: bool
     timeout: timedelta
+    events: EventLayout = field(default_factory=EventLayout)
 
 
 @dataclass(frozen=True)
@@ -463,10 +508,10 @@ def _definitions(settings: Settings, tree: Any) -> tuple[Definition, ...]:
     """Give every audience and trait its final key, and refuse clashes."""
     seen: dict[str, str] = {}
     result = []
-    for kind, field in (("audience", "audiences"), ("trait", "traits")):
-        for index, item in enumerate(getattr(settings, field)):
-            where = f"{field}[{index}]"
-            line = _line_of(tree, (field, index))
+    for kind, section in (("audience", "audiences"), ("trait", "traits")):
+        for index, item in enumerate(getattr(settings, section)):
+            where = f"{section}[{index}]"
+            line = _line_of(tree, (section, index))
             prefix = f"line {line}: " if line else ""
 
             key = item.key or snake_case(item.name)
@@ -495,6 +540,11 @@ def _definitions(settings: Settings, tree: Any) -> tuple[Definition, ...]:
                     source=item.source,
                     query=item.query,
                     explicit_key=item.key is not None,
+                    declaration=getattr(item, "condition", None)
+                    or getattr(item, "compute", None),
+                    enabled=item.enabled,
+                    on_remove=item.on_remove,
+                    where=where,
                 )
             )
     return tuple(result)
@@ -563,6 +613,7 @@ def parse_config(text: str, path: Path, env: Mapping[str, str] | None = None) ->
             url=SecretStr(_resolve_sqlite(spec.url.get_secret_value(), folder)),
             demo=spec.demo,
             timeout=spec.timeout,
+            events=spec.events,
         )
         for source_name, spec in settings.sources.items()
     }

@@ -24,6 +24,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from audience_sync.config import Config, Definition
+from audience_sync.declarations import DeclarationError, check_declaration
 from audience_sync.diff import (
     DiffCounts,
     count_diff,
@@ -39,6 +40,7 @@ from audience_sync.errors import (
     EXIT_LOCKED,
     EXIT_OK,
     AudienceSyncError,
+    ConfigError,
     GuardError,
     LockHeldError,
     StoreError,
@@ -134,7 +136,7 @@ class _Stopped(Exception):
 
 
 def _run_status(keys: list[KeyResult]) -> str:
-    if all(k.status in ("succeeded", "dry-run") for k in keys):
+    if all(k.status in ("succeeded", "dry-run", "retired") for k in keys):
         return "succeeded"
     if all(k.status in ("failed", "locked") for k in keys):
         return "failed"
@@ -162,6 +164,7 @@ class Run:
         )
         self._engine = engine
         self._lost: set[str] = set()
+        self._fresh: set[str] = set()  # keys declared again after being retired
         self.progress: RunProgress = progress or NoProgress()
 
     def execute(self) -> RunResult:
@@ -188,6 +191,12 @@ class Run:
 
         result = RunResult(run_id=None, now=options.now, dry_run=options.dry_run)
         sources = Sources(self.config.sources)
+        try:
+            definitions = self._active(engine, definitions)
+            self._check_declarations(sources, definitions)
+        except BaseException:
+            sources.close()
+            raise
         transport: Transport | None = None
         heartbeat = Heartbeat(engine, leases, self._lost.update)
         try:
@@ -234,6 +243,8 @@ class Run:
                                         leases.owner,
                                     )
                                     heartbeat.run_id = result.run_id
+                                if history.reactivate(connection, definition):
+                                    self._fresh.add(definition.key)
                                 computation_id = history.register(
                                     connection, definition
                                 )
@@ -270,6 +281,43 @@ class Run:
                     "stopped by a shutdown request" if self.stop.is_set() else None,
                 )
         return result
+
+    def _active(
+        self, engine: Engine, definitions: list[Definition]
+    ) -> list[Definition]:
+        """Leave out disabled keys, but for those still to be unset once."""
+        with engine.connect() as connection:
+            retired = history.retired_keys(connection)
+        active = []
+        for definition in definitions:
+            if definition.enabled or (
+                definition.on_remove == "unset" and definition.key not in retired
+            ):
+                active.append(definition)
+        return active
+
+    def _check_declarations(
+        self, sources: Sources, definitions: list[Definition]
+    ) -> None:
+        """Check every declared audience and trait against its source, before any run.
+
+        Raises:
+            ConfigError: a declaration names an event, table or column that does not
+                exist, or compares a column with a value of the wrong kind.
+        """
+        for definition in definitions:
+            if definition.declaration is None or not definition.enabled:
+                continue
+            source = self.config.sources[definition.source]
+            try:
+                with sources.engine(definition.source).connect() as connection:
+                    check_declaration(definition.declaration, source.events, connection)
+            except DeclarationError as exc:
+                raise ConfigError(f"{definition.label}: {exc}") from None
+            except (SQLAlchemyError, SyncError) as exc:
+                # An unreachable source is not a config error; the key fails when
+                # the run reaches it, and the other keys go ahead.
+                logger.debug("Could not check %s yet: %s", definition.key, exc)
 
     def _due(self, engine: Engine, definition: Definition) -> bool:
         """Tell whether a scheduled run should sync a key now.
@@ -384,7 +432,11 @@ class Run:
         absent = absent_value(definition)
 
         with connection.begin():
-            full = options.full or not history.has_history(connection, key)
+            full = (
+                options.full
+                or key in self._fresh
+                or not history.has_history(connection, key)
+            )
             result.full = full
             if run_id is not None:
                 history.start_key(connection, run_id, key, full)
@@ -394,7 +446,11 @@ class Run:
             start_staging(connection)
         read = ReadCounts()
         kept = 0
-        for batch in sources.read(definition, options.now, read):
+        # A disabled key being unset stages nothing: every last-known member leaves.
+        batches = (
+            sources.read(definition, options.now, read) if definition.enabled else ()
+        )
+        for batch in batches:
             with connection.begin():
                 stage(connection, batch)
             kept += len(batch)
@@ -447,11 +503,21 @@ class Run:
             "succeeded" if result.pending == result.rejected == 0 else "partial"
         )
 
+        # An unset key whose every member was told is retired; declared again later,
+        # it starts from an empty baseline.
+        if not definition.enabled and result.status == "succeeded":
+            with connection.begin():
+                history.retire(connection, key)
+            result.status = "retired"
+            logger.info(
+                "Retired %s: its %d members were unset", key, result.diff.exited
+            )
+
     def _check_guard(
         self, connection: Connection, definition: Definition, result: KeyResult
     ) -> None:
         guard = self.config.guard
-        if self.options.force or self.options.full:
+        if self.options.force or self.options.full or not definition.enabled:
             return
         leaving = result.diff.exited
         if leaving <= guard.max_exit_fraction * guard.min_members:

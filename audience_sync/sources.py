@@ -21,6 +21,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from audience_sync.config import Definition, Source
+from audience_sync.declarations import (
+    DeclarationError,
+    compile_audience,
+    compile_trait,
+    explain,
+)
 from audience_sync.errors import SourceError
 from audience_sync.store.database import sqlite_path
 
@@ -135,7 +141,7 @@ class Sources:
             with engine.connect() as connection:
                 deadline = time.monotonic() + source.timeout.total_seconds()
                 _limit_time(connection, source.timeout.total_seconds(), deadline)
-                statement, parameters = _statement(definition.query, now)
+                statement, parameters = _statement(definition, source, connection, now)
                 result = connection.execution_options(yield_per=batch_size).execute(
                     statement, parameters
                 )
@@ -156,6 +162,22 @@ class Sources:
                 f"{label}: the source query failed: {_reason(exc)}"
             ) from exc
 
+    def sql(self, definition: Definition, now: datetime) -> str:
+        """The SQL a definition runs at `now`, in its source's dialect."""
+        source = self._sources[definition.source]
+        engine = self.engine(definition.source)
+        try:
+            with engine.connect() as connection:
+                statement, parameters = _statement(definition, source, connection, now)
+        except SQLAlchemyError as exc:
+            raise SourceError(
+                f"cannot reach source {source.name!r}: {_reason(exc)}"
+            ) from exc
+        if definition.declaration is not None:
+            return explain(statement, engine.dialect)
+        shown = f"-- :now = {now.isoformat()}\n" if parameters else ""
+        return shown + (definition.query or "").strip()
+
     def close(self) -> None:
         """Dispose of every engine opened so far."""
         for engine in self._engines.values():
@@ -163,9 +185,33 @@ class Sources:
         self._engines.clear()
 
 
-def _statement(query: str, now: datetime) -> tuple[Any, dict[str, Any]]:
-    """The query as a text clause, with `:now` bound as a UTC timestamp if it asks."""
-    clause = text(query)
+def _statement(
+    definition: Definition, source: Source, connection: Connection, now: datetime
+) -> tuple[Any, dict[str, Any]]:
+    """The statement to run: a compiled declaration, or the raw query with `:now`."""
+    declaration = definition.declaration
+    if declaration is not None:
+        try:
+            if definition.kind == "audience":
+                compiled = compile_audience(
+                    declaration,  # type: ignore[arg-type]
+                    source.events,
+                    connection,
+                    now,
+                )
+            else:
+                compiled = compile_trait(
+                    declaration,  # type: ignore[arg-type]
+                    source.events,
+                    connection,
+                    now,
+                )
+        except DeclarationError as exc:
+            raise SourceError(f"{definition.kind} {definition.key!r}: {exc}") from None
+        return compiled, {}
+
+    assert definition.query is not None
+    clause = text(definition.query)
     if "now" not in clause._bindparams:
         return clause, {}
     typed = clause.bindparams(bindparam("now", type_=DateTime(timezone=True)))

@@ -81,6 +81,36 @@ def register(connection: Connection, definition: Definition) -> str:
     return str(row.computation_id)
 
 
+def retired_keys(connection: Connection) -> set[str]:
+    """The keys that were unset and retired."""
+    return set(
+        connection.execute(
+            select(definitions.c.key).where(definitions.c.retired_at.is_not(None))
+        ).scalars()
+    )
+
+
+def retire(connection: Connection, key: str) -> None:
+    """Mark a key retired: it was unset for all its members and is no longer synced."""
+    connection.execute(
+        update(definitions).where(definitions.c.key == key).values(retired_at=utcnow())
+    )
+
+
+def reactivate(connection: Connection, definition: Definition) -> bool:
+    """Bring a retired key back, if it was retired; return whether it was."""
+    if not definition.enabled:
+        return False
+    result = connection.execute(
+        update(definitions)
+        .where(
+            definitions.c.key == definition.key, definitions.c.retired_at.is_not(None)
+        )
+        .values(retired_at=None)
+    )
+    return result.rowcount > 0
+
+
 def has_history(connection: Connection, key: str) -> bool:
     """Tell whether a key has ever been synced (any acknowledged change or snapshot)."""
     return (
