@@ -93,7 +93,7 @@ def test_secrets_are_not_echoed_in_errors_or_repr() -> None:
         (HEAD + "schedul: {every: 2h}\n", "line 6: schedul is not a known setting"),
         (
             HEAD + "audiences:\n  - name: A\n    source: warehouse\n",
-            "line 7: audiences[0].query is required",
+            "line 7: audiences[0] needs exactly one of query: and condition:",
         ),
         (
             HEAD + "schedule:\n  every: 2 hours\n",
