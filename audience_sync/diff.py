@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import (
     Column,
@@ -19,18 +20,24 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    TextClause,
     and_,
     case,
+    cast,
+    column,
     exists,
     func,
     insert,
     literal,
+    literal_column,
     or_,
     select,
+    true,
     union_all,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 
-from audience_sync.store.schema import changes, snapshot
+from audience_sync.store.schema import MAX_USER_ID, changes, snapshot
 
 _temporary = MetaData()
 
@@ -48,7 +55,15 @@ _CREATE_STAGED = (
 )
 _CREATE_LANDING = (
     "CREATE TEMPORARY TABLE IF NOT EXISTS staged_landing "
-    "(user_id VARCHAR(255) NOT NULL, value TEXT NOT NULL)"
+    "(user_id TEXT NOT NULL, value TEXT NOT NULL)"
+)
+
+landing = Table(
+    "staged_landing",
+    _temporary,
+    Column("user_id", Text, nullable=False),
+    Column("value", Text, nullable=False),
+    prefixes=["TEMPORARY"],
 )
 
 
@@ -69,13 +84,12 @@ class DiffCounts:
 
 def start_staging(connection: Connection) -> None:
     """Create the staging tables on this connection, or empty the ones already there."""
-    connection.exec_driver_sql(_CREATE_STAGED)
-    connection.execute(staged.delete())
-    if connection.dialect.name == "postgresql":
-        connection.exec_driver_sql(_CREATE_LANDING)
-        connection.exec_driver_sql("TRUNCATE staged_landing")
-    elif connection.dialect.name != "sqlite":
+    if connection.dialect.name not in ("sqlite", "postgresql"):
         raise NotImplementedError(f"a {connection.dialect.name} store is not supported")
+    connection.exec_driver_sql(_CREATE_STAGED)
+    connection.exec_driver_sql(_CREATE_LANDING)
+    connection.execute(staged.delete())
+    connection.execute(landing.delete())
 
 
 def stage(connection: Connection, rows: Sequence[tuple[str, str]]) -> None:
@@ -114,6 +128,71 @@ def finish_staging(connection: Connection) -> None:
         )
         connection.exec_driver_sql("TRUNCATE staged_landing")
         connection.exec_driver_sql("ANALYZE staged")
+
+
+def stage_from_query(
+    connection: Connection,
+    query: Select[Any] | TextClause,
+    parameters: dict[str, Any],
+    kind: str,
+) -> tuple[int, int]:
+    """Stage what a query returns without its rows leaving the database.
+
+    For a source that is the store's own database: one INSERT ... SELECT into the
+    landing table (ids trimmed, values as JSON text), then into `staged` keeping the
+    first row of each user. Returns `(rows read, rows skipped)`, skipped being null,
+    blank or over-long ids.
+    """
+    if isinstance(query, TextClause):
+        names = ["user_id"] if kind == "audience" else ["user_id", "value"]
+        rows = query.columns(*(column(name) for name in names)).subquery("source_rows")
+    else:
+        rows = query.subquery("source_rows")
+
+    user_id = func.coalesce(func.trim(cast(rows.c.user_id, Text)), literal(""))
+    if kind == "audience":
+        value: Any = literal("true")
+        where: Any = true()
+    else:
+        # The database writes the JSON text; numbers and times may be spelled
+        # differently than Python would, but a key always takes the same path.
+        encoded = (
+            cast(func.to_jsonb(rows.c.value), Text)
+            if connection.dialect.name == "postgresql"
+            else func.json_quote(rows.c.value)
+        )
+        value, where = encoded, rows.c.value.is_not(None)
+    connection.execute(
+        insert(landing).from_select(
+            ["user_id", "value"], select(user_id, value).where(where)
+        ),
+        parameters,
+    )
+
+    usable = and_(
+        landing.c.user_id != "", func.length(landing.c.user_id) <= MAX_USER_ID
+    )
+    read, skipped = connection.execute(
+        select(
+            func.count(),
+            func.coalesce(func.sum(case((usable, 0), else_=1)), 0),
+        ).select_from(landing)
+    ).one()
+
+    order: Any = literal_column(
+        "ctid" if connection.dialect.name == "postgresql" else "rowid"
+    )
+    kept = select(landing.c.user_id, landing.c.value).where(usable).order_by(order)
+    statement = (
+        postgresql.insert(staged)
+        if connection.dialect.name == "postgresql"
+        else sqlite.insert(staged)
+    )
+    connection.execute(
+        statement.from_select(["user_id", "value"], kept).on_conflict_do_nothing()
+    )
+    connection.execute(landing.delete())
+    return int(read), int(skipped)
 
 
 def staged_count(connection: Connection) -> int:

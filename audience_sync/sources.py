@@ -27,8 +27,10 @@ from audience_sync.declarations import (
     compile_trait,
     explain,
 )
+from audience_sync.diff import stage_from_query
 from audience_sync.errors import SourceError
 from audience_sync.store.database import sqlite_path
+from audience_sync.store.schema import MAX_USER_ID
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +77,13 @@ def encode_value(value: Any) -> str | None:
 
 
 def clean_user_id(user_id: Any) -> str | None:
-    """Trim a user id; None for a null, empty or blank one."""
+    """Trim a user id; None for a null, empty, blank or over-long one."""
     if user_id is None:
         return None
     cleaned = (user_id if isinstance(user_id, str) else str(user_id)).strip()
-    return cleaned or None
+    if not cleaned or len(cleaned) > MAX_USER_ID:
+        return None
+    return cleaned
 
 
 class Sources:
@@ -161,6 +165,38 @@ class Sources:
             raise SourceError(
                 f"{label}: the source query failed: {_reason(exc)}"
             ) from exc
+
+    def is_store(self, name: str, store_url: str) -> bool:
+        """Tell whether a source is the very database the store lives in."""
+        return _same_database(self._sources[name].url.get_secret_value(), store_url)
+
+    def stage_in(
+        self, connection: Connection, definition: Definition, now: datetime
+    ) -> ReadCounts:
+        """Stage a definition's rows on the store's connection, inside the database.
+
+        For a source that is the store's own database: no row passes through Python.
+
+        Raises:
+            SourceError: the query failed, timed out, or lacks its columns.
+        """
+        source = self._sources[definition.source]
+        label = f"{definition.kind} {definition.key!r}"
+        seconds = source.timeout.total_seconds()
+        try:
+            _limit_time(connection, seconds, time.monotonic() + seconds)
+            try:
+                statement, parameters = _statement(definition, source, connection, now)
+                rows, skipped = stage_from_query(
+                    connection, statement, parameters, definition.kind
+                )
+            finally:
+                _unlimit_time(connection)
+        except SQLAlchemyError as exc:
+            raise SourceError(
+                f"{label}: the source query failed: {_reason(exc)}"
+            ) from exc
+        return ReadCounts(rows=rows, skipped=skipped)
 
     def sql(self, definition: Definition, now: datetime) -> str:
         """The SQL a definition runs at `now`, in its source's dialect."""
@@ -275,6 +311,37 @@ def _limit_time(connection: Connection, seconds: float, deadline: float) -> None
             lambda: 1 if time.monotonic() > deadline else 0, _SQLITE_PROGRESS_STEPS
         )
     # Other databases have no portable statement timeout; the read loop still checks.
+
+
+def _unlimit_time(connection: Connection) -> None:
+    """Lift the time limit from a connection that goes on to do other work."""
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        connection.exec_driver_sql("SET statement_timeout = 0")
+    elif dialect == "sqlite":
+        raw = connection.connection.dbapi_connection
+        assert raw is not None
+        raw.set_progress_handler(None, 0)
+
+
+def _same_database(first: str, second: str) -> bool:
+    """Compare two URLs by the database they reach, ignoring driver and options."""
+    a, b = make_url(first), make_url(second)
+    if a.get_backend_name() != b.get_backend_name():
+        return False
+    if a.get_backend_name() == "sqlite":
+        path_a, path_b = sqlite_path(first), sqlite_path(second)
+        return (
+            path_a is not None
+            and path_b is not None
+            and (path_a.resolve() == path_b.resolve())
+        )
+    return (a.host, a.port, a.database, a.username) == (
+        b.host,
+        b.port,
+        b.database,
+        b.username,
+    ) and a.query.get("options") == b.query.get("options")
 
 
 def _reason(exc: SQLAlchemyError) -> str:

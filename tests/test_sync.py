@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+import pytest
+from sqlalchemy import create_engine, func, select
 
 from audience_sync.config import Config, FileDestination, load_config
 from audience_sync.runner import RunOptions, RunResult, run_once
@@ -340,3 +341,39 @@ def test_query_gets_now_bound_as_utc_time(
     assert first.keys[0].members == 1
     assert traits_sent(config, skip=0)["u1"] is False
     assert later.keys[0].diff.exited == 1
+
+
+def test_a_source_in_the_store_database_is_staged_inside_it(
+    tmp_path: Path, store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Source == store: INSERT ... SELECT in the database, same results as reading."""
+    engine = create_engine(store_url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE crm (user_id TEXT, score INTEGER)")
+        connection.exec_driver_sql(
+            "INSERT INTO crm VALUES ('u1', 5), (' u2 ', 7), ('', 1), (NULL, 2), "
+            "('u1', 9), ('u3', NULL)"
+        )
+    engine.dispose()
+    (tmp_path / "config.yaml").write_text(
+        f"store: '{store_url}'\n"
+        f"sources: {{crm: '{store_url}'}}\n"
+        "destination: {transport: file, path: messages.jsonl}\n"
+        "audiences:\n"
+        "  - {name: Scored, source: crm, query: SELECT user_id FROM crm}\n"
+        "traits:\n"
+        "  - name: Score\n"
+        "    source: crm\n"
+        "    query: SELECT user_id, score AS value FROM crm\n"
+    )
+    config = load_config(tmp_path / "config.yaml")
+
+    with caplog.at_level("DEBUG", logger="audience_sync.runner"):
+        result = sync(config)
+
+    audience, trait = result.keys
+    assert "Staged 6 rows of scored inside the store's database" in caplog.text
+    assert (audience.members, audience.skipped, audience.duplicates) == (3, 2, 1)
+    assert (trait.members, trait.skipped, trait.duplicates) == (2, 2, 1)
+    assert traits_sent(config, until=3) == {"u1": True, "u2": True, "u3": True}
+    assert traits_sent(config, skip=3) == {"u1": 5, "u2": 7}

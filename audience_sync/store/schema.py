@@ -41,6 +41,9 @@ NAMING_CONVENTION = {
 
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
+# The longest user id stored or sent; a longer one is skipped and counted.
+MAX_USER_ID = 255
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """A timestamp that is stored in UTC and always comes back timezone-aware."""
@@ -120,7 +123,7 @@ changes = Table(
     Column("id", Id, primary_key=True, autoincrement=True),
     Column("run_id", Id, ForeignKey("runs.id"), nullable=False),
     Column("key", String(255), nullable=False),
-    Column("user_id", String(255), nullable=False),
+    Column("user_id", String(MAX_USER_ID), nullable=False),
     # entered, exited, changed, or resent (a --full run re-sending an unchanged value)
     Column("kind", String(8), nullable=False),
     # JSON text of the value before and after; an absent value is false or null.
@@ -138,7 +141,7 @@ snapshot = Table(
     "snapshot",
     metadata,
     Column("key", String(255), primary_key=True),
-    Column("user_id", String(255), primary_key=True),
+    Column("user_id", String(MAX_USER_ID), primary_key=True),
     Column("value", Text, nullable=False),
     Column("run_id", Id, nullable=False),
 )
