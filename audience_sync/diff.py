@@ -279,6 +279,11 @@ def record_changes(
         )
     )
 
+    if connection.dialect.name == "postgresql":
+        # A big diff makes the table's statistics stale at once; without fresh ones
+        # the planner scans the whole table for every page of changes it sends.
+        connection.exec_driver_sql("ANALYZE changes")
+
     rows = connection.execute(
         select(changes.c.kind, func.count())
         .where(changes.c.run_id == run_id, changes.c.key == key)

@@ -451,21 +451,18 @@ class Run:
             pass  # a disabled key being unset stages nothing: every member leaves
         elif sources.is_store(definition.source, store_url):
             # The source is the store's own database: no row passes through Python.
-            with connection.begin():
-                read = sources.stage_in(connection, definition, options.now)
+            read = self._stage_inside(connection, sources, definition)
             kept = read.rows - read.skipped
-            self.progress.reading(key, read.rows)
-            logger.debug(
-                "Staged %d rows of %s inside the store's database", read.rows, key
-            )
         else:
-            for batch in sources.read(definition, options.now, read):
-                with connection.begin():
-                    stage(connection, batch)
-                kept += len(batch)
-                self.progress.reading(key, len(batch))
-                if self.stop.is_set():
-                    raise _Stopped
+            with sources.attached(connection, definition.source) as attached:
+                if attached:
+                    # A SQLite source next to a SQLite store: the same, attached.
+                    read = self._stage_inside(
+                        connection, sources, definition, attached=True
+                    )
+                    kept = read.rows - read.skipped
+                else:
+                    kept = self._stage_through(connection, sources, definition, read)
 
         with connection.begin():
             finish_staging(connection)
@@ -521,6 +518,45 @@ class Run:
             logger.info(
                 "Retired %s: its %d members were unset", key, result.diff.exited
             )
+
+    def _stage_inside(
+        self,
+        connection: Connection,
+        sources: Sources,
+        definition: Definition,
+        *,
+        attached: bool = False,
+    ) -> ReadCounts:
+        """Stage with one statement in the store's database; return what it read."""
+        with connection.begin():
+            read = sources.stage_in(
+                connection, definition, self.options.now, attached=attached
+            )
+        self.progress.reading(definition.key, read.rows)
+        logger.debug(
+            "Staged %d rows of %s inside the store's database",
+            read.rows,
+            definition.key,
+        )
+        return read
+
+    def _stage_through(
+        self,
+        connection: Connection,
+        sources: Sources,
+        definition: Definition,
+        read: ReadCounts,
+    ) -> int:
+        """Stream the source's rows into staging in batches; return how many it kept."""
+        kept = 0
+        for batch in sources.read(definition, self.options.now, read):
+            with connection.begin():
+                stage(connection, batch)
+            kept += len(batch)
+            self.progress.reading(definition.key, len(batch))
+            if self.stop.is_set():
+                raise _Stopped
+        return kept
 
     def _check_guard(
         self, connection: Connection, definition: Definition, result: KeyResult

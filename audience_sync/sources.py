@@ -10,13 +10,24 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, DateTime, Engine, bindparam, create_engine, text
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Engine,
+    TextClause,
+    bindparam,
+    create_engine,
+    literal_column,
+    select,
+    text,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
@@ -29,7 +40,7 @@ from audience_sync.declarations import (
 )
 from audience_sync.diff import stage_from_query
 from audience_sync.errors import SourceError
-from audience_sync.store.database import sqlite_path
+from audience_sync.store.database import file_uri, sqlite_path
 from audience_sync.store.schema import MAX_USER_ID
 
 logger = logging.getLogger(__name__)
@@ -37,6 +48,9 @@ logger = logging.getLogger(__name__)
 TRUE = "true"
 FALSE = "false"
 NULL = "null"
+
+# The name a SQLite source is attached under on a SQLite store's connection.
+_ATTACHED = "audience_source"
 
 # SQLite calls the progress handler every this many virtual machine steps.
 _SQLITE_PROGRESS_STEPS = 10_000
@@ -171,7 +185,12 @@ class Sources:
         return _same_database(self._sources[name].url.get_secret_value(), store_url)
 
     def stage_in(
-        self, connection: Connection, definition: Definition, now: datetime
+        self,
+        connection: Connection,
+        definition: Definition,
+        now: datetime,
+        *,
+        attached: bool = False,
     ) -> ReadCounts:
         """Stage a definition's rows on the store's connection, inside the database.
 
@@ -186,7 +205,20 @@ class Sources:
         try:
             _limit_time(connection, seconds, time.monotonic() + seconds)
             try:
-                statement, parameters = _statement(definition, source, connection, now)
+                statement, parameters = _statement(
+                    definition,
+                    source,
+                    connection,
+                    now,
+                    schema=_ATTACHED if attached else None,
+                )
+                if isinstance(statement, TextClause):
+                    # Check the columns first, to say what is missing in words.
+                    probe: Any = select(literal_column("*")).select_from(
+                        statement.columns().subquery("probe")
+                    )
+                    columns = connection.execute(probe.limit(0), parameters).keys()
+                    _columns(definition, list(columns), label)
                 rows, skipped = stage_from_query(
                     connection, statement, parameters, definition.kind
                 )
@@ -197,6 +229,46 @@ class Sources:
                 f"{label}: the source query failed: {_reason(exc)}"
             ) from exc
         return ReadCounts(rows=rows, skipped=skipped)
+
+    @contextmanager
+    def attached(self, connection: Connection, name: str) -> Iterator[bool]:
+        """Attach a SQLite source to a SQLite store's connection, read-only, if safe.
+
+        Yields whether it is attached: then the source's tables can be read by the
+        store's own statements and `stage_in` stages without a row through Python.
+        It is not attached when either is not a SQLite file, or when a source table
+        has the name of one of the store's (which would shadow it).
+        """
+        path = sqlite_path(self._sources[name].url.get_secret_value())
+        if connection.dialect.name != "sqlite" or path is None or not path.exists():
+            yield False
+            return
+
+        self.engine(name)  # builds the demo warehouse if it is one
+        driver = connection.connection.driver_connection
+        assert driver is not None
+        driver.execute(
+            f"ATTACH DATABASE ? AS {_ATTACHED}", (file_uri(path) + "?mode=ro",)
+        )
+        try:
+            ours = {
+                row[0]
+                for schema in ("main", "temp")
+                for row in driver.execute(f"SELECT name FROM {schema}.sqlite_master")
+            }
+            theirs = {
+                row[0]
+                for row in driver.execute(
+                    f"SELECT name FROM {_ATTACHED}.sqlite_master "
+                    "WHERE type IN ('table', 'view')"
+                )
+            }
+            clash = ours & theirs
+            if clash:
+                logger.debug("Not attaching %s: it has tables named %s", name, clash)
+            yield not clash
+        finally:
+            driver.execute(f"DETACH DATABASE {_ATTACHED}")
 
     def sql(self, definition: Definition, now: datetime) -> str:
         """The SQL a definition runs at `now`, in its source's dialect."""
@@ -222,23 +294,34 @@ class Sources:
 
 
 def _statement(
-    definition: Definition, source: Source, connection: Connection, now: datetime
+    definition: Definition,
+    source: Source,
+    connection: Connection,
+    now: datetime,
+    schema: str | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """The statement to run: a compiled declaration, or the raw query with `:now`."""
+    """The statement to run: a compiled declaration, or the raw query with `:now`.
+
+    `schema` is where a declaration's tables are when the layout names none (the
+    name a SQLite source is attached under).
+    """
     declaration = definition.declaration
     if declaration is not None:
+        layout = source.events
+        if schema is not None and layout.schema_ is None:
+            layout = layout.model_copy(update={"schema_": schema})
         try:
             if definition.kind == "audience":
                 compiled = compile_audience(
                     declaration,  # type: ignore[arg-type]
-                    source.events,
+                    layout,
                     connection,
                     now,
                 )
             else:
                 compiled = compile_trait(
                     declaration,  # type: ignore[arg-type]
-                    source.events,
+                    layout,
                     connection,
                     now,
                 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -33,6 +34,11 @@ def sqlite_path(url: str) -> Path | None:
     ):
         return None
     return Path(parsed.database)
+
+
+def file_uri(path: Path) -> str:
+    """The `file:` URI of a SQLite file, as SQLite reads it with URI filenames on."""
+    return "file:" + quote(str(path.resolve()), safe="/")
 
 
 def _tune_sqlite(engine: Engine, *, read_only: bool) -> None:
@@ -77,10 +83,12 @@ def open_store(url: str, *, read_only: bool = False) -> Engine:
                     "run `audience-sync run --run-now` first"
                 )
             parsed = parsed.set(
-                database=f"file:{path}", query={"mode": "ro", "uri": "true"}
+                database=file_uri(path), query={"mode": "ro", "uri": "true"}
             )
         elif path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            # URI filenames, so that a SQLite source can be attached read-only.
+            parsed = parsed.set(database=file_uri(path), query={"uri": "true"})
         # Each connection is cheap and a file handle; pooling them buys nothing
         # and would keep the temp tables of one run alive into the next.
         kwargs["poolclass"] = NullPool
