@@ -27,10 +27,11 @@ from audience_sync.config import Config, Definition
 from audience_sync.declarations import DeclarationError, check_declaration
 from audience_sync.diff import (
     DiffCounts,
+    clear_plan,
     count_diff,
     diff_select,
     finish_staging,
-    record_changes,
+    plan_changes,
     stage,
     staged_count,
     start_staging,
@@ -43,11 +44,10 @@ from audience_sync.errors import (
     ConfigError,
     GuardError,
     LockHeldError,
-    StoreError,
     SyncError,
     TransportError,
 )
-from audience_sync.messages import MessageBuilder
+from audience_sync.messages import Message, MessageBuilder
 from audience_sync.progress import NoProgress, RunProgress
 from audience_sync.sources import ReadCounts, Sources, absent_value
 from audience_sync.store import history
@@ -55,7 +55,7 @@ from audience_sync.store import snapshot as snapshots
 from audience_sync.store.database import open_store
 from audience_sync.store.leases import Heartbeat, Leases, utcnow
 from audience_sync.store.migrate import upgrade
-from audience_sync.transports import Transport, make_transport
+from audience_sync.transports import Delivery, Transport, make_transport
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class KeyResult:
             "entered": self.diff.entered,
             "exited": self.diff.exited,
             "changed": self.diff.changed,
+            "resent": self.diff.resent,
             "sent": self.sent,
             "acknowledged": self.acknowledged,
             "rejected": self.rejected,
@@ -486,12 +487,12 @@ class Run:
             result.status = "dry-run"
             return
 
-        with connection.begin() as transaction:
-            result.diff = record_changes(connection, run_id, key, diff)
+        with connection.begin():
+            result.diff = plan_changes(connection, diff)
             try:
                 self._check_guard(connection, definition, result)
             except GuardError:
-                transaction.rollback()
+                clear_plan(connection)
                 raise
             history.update_key(connection, run_id, key, **result.counts())
 
@@ -589,50 +590,74 @@ class Run:
             definition, computation_id, run_id, self.options.now, self.config.personas
         )
 
-        after_id = 0
-        while not self.stop.is_set():
-            if key in self._lost:
-                raise StoreError(f"lost the lease of {key!r} to another process")
+        # Every planned change is written to history exactly once: acknowledged,
+        # rejected, or (when sending stops early) pending.
+        recorded_through = 0
+        try:
+            while not self.stop.is_set():
+                if key in self._lost:
+                    raise SyncError(f"lost the lease of {key!r} to another process")
 
+                with connection.begin():
+                    page = snapshots.planned_page(
+                        connection, recorded_through, PAGE_SIZE
+                    )
+                if not page:
+                    break
+
+                messages = [builder.build(row.id, row.user_id, row.new) for row in page]
+                try:
+                    deliveries = transport.send(messages, self.stop)
+                except TransportError as exc:
+                    result.error = str(exc)
+                    logger.warning("Stopped sending %s: %s", key, exc)
+                    break
+                result.sent += len(messages)
+                self.progress.sent(key, len(messages))
+
+                with connection.begin():
+                    self._record_page(
+                        connection, run_id, key, messages, deliveries, result
+                    )
+                recorded_through = page[-1].id
+        finally:
             with connection.begin():
-                page = snapshots.pending_page(
-                    connection, run_id, key, after_id, PAGE_SIZE
+                snapshots.leave_pending(
+                    connection, run_id, key, after_id=recorded_through
                 )
-            if not page:
-                break
-            after_id = page[-1].id
 
-            messages = [builder.build(row.id, row.user_id, row.new) for row in page]
-            try:
-                deliveries = transport.send(messages, self.stop)
-            except TransportError as exc:
-                result.error = str(exc)
-                logger.warning("Stopped sending %s: %s", key, exc)
-                break
-            result.sent += len(messages)
-            self.progress.sent(key, len(messages))
-
-            acknowledged = []
-            with connection.begin():
-                for message, delivery in zip(messages, deliveries, strict=True):
-                    if delivery.status == "acknowledged":
-                        acknowledged.append(message.change_id)
-                    elif delivery.status == "rejected":
-                        snapshots.reject(
-                            connection,
-                            message.change_id,
-                            delivery.status_code,
-                            delivery.reason,
-                        )
-                snapshots.acknowledge(connection, run_id, key, acknowledged)
-                result.acknowledged += len(acknowledged)
-                history.update_key(
+    def _record_page(
+        self,
+        connection: Connection,
+        run_id: int,
+        key: str,
+        messages: list[Message],
+        deliveries: list[Delivery],
+        result: KeyResult,
+    ) -> None:
+        """Append a page's outcomes to history; fold its acks into the snapshot."""
+        acknowledged, pending = [], []
+        for message, delivery in zip(messages, deliveries, strict=True):
+            if delivery.status == "acknowledged":
+                acknowledged.append(message.change_id)
+            elif delivery.status == "rejected":
+                snapshots.reject(
                     connection,
                     run_id,
                     key,
-                    sent=result.sent,
-                    acknowledged=result.acknowledged,
+                    message.change_id,
+                    delivery.status_code,
+                    delivery.reason,
                 )
+            else:
+                pending.append(message.change_id)
+        snapshots.acknowledge(connection, run_id, key, acknowledged)
+        snapshots.leave_pending(connection, run_id, key, pending)
+
+        result.acknowledged += len(acknowledged)
+        history.update_key(
+            connection, run_id, key, sent=result.sent, acknowledged=result.acknowledged
+        )
 
 
 def run_once(config: Config, options: RunOptions, **kwargs: object) -> RunResult:

@@ -238,4 +238,4 @@ def test_db_upgrade_creates_the_store_and_reports_head(tmp_path: Path) -> None:
 
     assert upgraded.returncode == 0, upgraded.stderr
     assert "(head)" in upgraded.stdout
-    assert current.stdout.strip() == "store: 0001; this version needs: 0001"
+    assert current.stdout.strip() == "store: 0002; this version needs: 0002"

@@ -168,7 +168,10 @@ def start_key(connection: Connection, run_id: int, key: str, full: bool) -> None
             status="running",
             full=full,
             started_at=utcnow(),
-            **{name: 0 for name in ("skipped", "duplicates", "sent", *COUNT_FIELDS)},
+            **{
+                name: 0
+                for name in ("skipped", "duplicates", "sent", "resent", *COUNT_FIELDS)
+            },
         )
     )
 
@@ -221,20 +224,29 @@ def mark_interrupted(connection: Connection, stale_after: float) -> list[int]:
 
     for run_id in dead:
         for row in connection.execute(
-            select(run_keys.c.key).where(
-                run_keys.c.run_id == run_id, run_keys.c.status == "running"
-            )
+            select(
+                run_keys.c.key,
+                run_keys.c.entered,
+                run_keys.c.exited,
+                run_keys.c.changed,
+                run_keys.c.resent,
+            ).where(run_keys.c.run_id == run_id, run_keys.c.status == "running")
         ).all():
+            # Changes are written to history as their outcomes arrive; what the
+            # dead process never heard back about is pending.
             counts = _status_counts(connection, run_id, row.key)
+            acknowledged = counts.get("acknowledged", 0)
+            rejected = counts.get("rejected", 0)
+            planned = row.entered + row.exited + row.changed + row.resent
             update_key(
                 connection,
                 run_id,
                 row.key,
                 status="interrupted",
                 finished_at=now,
-                acknowledged=counts.get("acknowledged", 0),
-                rejected=counts.get("rejected", 0),
-                pending=counts.get("pending", 0),
+                acknowledged=acknowledged,
+                rejected=rejected,
+                pending=max(planned - acknowledged - rejected, 0),
             )
         connection.execute(
             update(runs)

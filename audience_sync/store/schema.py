@@ -110,6 +110,7 @@ run_keys = Table(
     Column("entered", BigInteger, nullable=False, default=0),
     Column("exited", BigInteger, nullable=False, default=0),
     Column("changed", BigInteger, nullable=False, default=0),
+    Column("resent", BigInteger, nullable=False, default=0, server_default="0"),
     Column("sent", BigInteger, nullable=False, default=0),
     Column("acknowledged", BigInteger, nullable=False, default=0),
     Column("rejected", BigInteger, nullable=False, default=0),

@@ -10,25 +10,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, select, update
+from sqlalchemy import Connection, Integer, Text, func, insert, literal, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from audience_sync.diff import planned
 from audience_sync.store.schema import changes, snapshot
 
 
-def pending_page(
-    connection: Connection, run_id: int, key: str, after_id: int, size: int
-) -> Sequence[Any]:
-    """The next `size` pending changes of a key in a run, after `after_id`, by id."""
+def planned_page(connection: Connection, after_id: int, size: int) -> Sequence[Any]:
+    """The next `size` planned changes after `after_id`: `(id, user_id, new)` rows."""
     return connection.execute(
-        select(changes.c.id, changes.c.user_id, changes.c.new)
-        .where(
-            changes.c.run_id == run_id,
-            changes.c.key == key,
-            changes.c.id > after_id,
-            changes.c.status == "pending",
-        )
-        .order_by(changes.c.id)
+        select(planned.c.id, planned.c.user_id, planned.c.new)
+        .where(planned.c.id > after_id)
+        .order_by(planned.c.id)
         .limit(size)
     ).all()
 
@@ -49,27 +43,57 @@ def _upsert(connection: Connection) -> Any:
     return dialect.insert(snapshot)
 
 
+def _record(
+    connection: Connection,
+    run_id: int,
+    key: str,
+    where: Any,
+    status: str,
+    status_code: int | None = None,
+    reason: str | None = None,
+) -> None:
+    """Append planned changes to history with their outcome."""
+    connection.execute(
+        insert(changes).from_select(
+            ["run_id", "key", "user_id", "kind", "old", "new", "status"]
+            + (["status_code", "reason"] if status == "rejected" else []),
+            select(
+                literal(run_id),
+                literal(key),
+                planned.c.user_id,
+                planned.c.kind,
+                planned.c.old,
+                planned.c.new,
+                literal(status),
+                *(
+                    [literal(status_code, Integer), literal(reason, Text)]
+                    if status == "rejected"
+                    else []
+                ),
+            )
+            .where(where)
+            .order_by(planned.c.id),
+        )
+    )
+
+
 def acknowledge(
     connection: Connection, run_id: int, key: str, change_ids: Sequence[int]
 ) -> None:
-    """Apply acknowledged changes to the snapshot and mark them acknowledged.
+    """Record acknowledged changes in history and fold them into the snapshot.
 
     Works on ranges of consecutive ids, so a batch that was acknowledged whole costs
     three statements whatever its size.
     """
     for first, last in id_ranges(sorted(change_ids)):
-        in_range = and_(
-            changes.c.run_id == run_id,
-            changes.c.key == key,
-            changes.c.id.between(first, last),
-            changes.c.status == "pending",
-        )
+        in_range = planned.c.id.between(first, last)
+        _record(connection, run_id, key, in_range, "acknowledged")
 
         entering = _upsert(connection).from_select(
             ["key", "user_id", "value", "run_id"],
-            select(changes.c.key, changes.c.user_id, changes.c.new, changes.c.run_id)
-            .where(in_range, changes.c.kind != "exited")
-            .order_by(changes.c.id),
+            select(literal(key), planned.c.user_id, planned.c.new, literal(run_id))
+            .where(in_range, planned.c.kind != "exited")
+            .order_by(planned.c.id),
         )
         connection.execute(
             entering.on_conflict_do_update(
@@ -85,27 +109,46 @@ def acknowledge(
             snapshot.delete().where(
                 snapshot.c.key == key,
                 snapshot.c.user_id.in_(
-                    select(changes.c.user_id).where(
-                        in_range, changes.c.kind == "exited"
+                    select(planned.c.user_id).where(
+                        in_range, planned.c.kind == "exited"
                     )
                 ),
             )
         )
 
-        connection.execute(
-            update(changes).where(in_range).values(status="acknowledged")
-        )
-
 
 def reject(
-    connection: Connection, change_id: int, status_code: int | None, reason: str | None
+    connection: Connection,
+    run_id: int,
+    key: str,
+    change_id: int,
+    status_code: int | None,
+    reason: str | None,
 ) -> None:
     """Record that the destination refused a change for good."""
-    connection.execute(
-        update(changes)
-        .where(changes.c.id == change_id)
-        .values(status="rejected", status_code=status_code, reason=reason)
+    _record(
+        connection,
+        run_id,
+        key,
+        planned.c.id == change_id,
+        "rejected",
+        status_code,
+        reason,
     )
+
+
+def leave_pending(
+    connection: Connection,
+    run_id: int,
+    key: str,
+    change_ids: Sequence[int] = (),
+    after_id: int | None = None,
+) -> None:
+    """Record changes whose fate is unknown: these ids, or all after `after_id`."""
+    for first, last in id_ranges(sorted(change_ids)):
+        _record(connection, run_id, key, planned.c.id.between(first, last), "pending")
+    if after_id is not None:
+        _record(connection, run_id, key, planned.c.id > after_id, "pending")
 
 
 def status_counts(connection: Connection, run_id: int, key: str) -> dict[str, int]:
