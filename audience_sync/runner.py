@@ -52,7 +52,7 @@ from audience_sync.progress import NoProgress, RunProgress
 from audience_sync.sources import ReadCounts, Sources, absent_value
 from audience_sync.store import history
 from audience_sync.store import snapshot as snapshots
-from audience_sync.store.database import open_store
+from audience_sync.store.database import open_store, temp_only
 from audience_sync.store.leases import Heartbeat, Leases, utcnow
 from audience_sync.store.migrate import upgrade
 from audience_sync.transports import Delivery, Transport, make_transport
@@ -443,7 +443,7 @@ class Run:
                 history.start_key(connection, run_id, key, full)
 
         # 1. Stage the source rows. A failed read raises before anything is diffed.
-        with connection.begin():
+        with temp_only(connection):
             start_staging(connection)
         read = ReadCounts()
         kept = 0
@@ -465,7 +465,7 @@ class Run:
                 else:
                     kept = self._stage_through(connection, sources, definition, read)
 
-        with connection.begin():
+        with temp_only(connection):
             finish_staging(connection)
             result.members = staged_count(connection)
         result.skipped = read.skipped
@@ -487,13 +487,14 @@ class Run:
             result.status = "dry-run"
             return
 
-        with connection.begin():
+        with temp_only(connection):
             result.diff = plan_changes(connection, diff)
             try:
                 self._check_guard(connection, definition, result)
             except GuardError:
                 clear_plan(connection)
                 raise
+        with connection.begin():
             history.update_key(connection, run_id, key, **result.counts())
 
         # 4. Send, and fold what was acknowledged into the snapshot.
@@ -529,7 +530,7 @@ class Run:
         attached: bool = False,
     ) -> ReadCounts:
         """Stage with one statement in the store's database; return what it read."""
-        with connection.begin():
+        with temp_only(connection):
             read = sources.stage_in(
                 connection, definition, self.options.now, attached=attached
             )
@@ -551,7 +552,7 @@ class Run:
         """Stream the source's rows into staging in batches; return how many it kept."""
         kept = 0
         for batch in sources.read(definition, self.options.now, read):
-            with connection.begin():
+            with temp_only(connection):
                 stage(connection, batch)
             kept += len(batch)
             self.progress.reading(definition.key, len(batch))
@@ -598,7 +599,7 @@ class Run:
                 if key in self._lost:
                     raise SyncError(f"lost the lease of {key!r} to another process")
 
-                with connection.begin():
+                with temp_only(connection):
                     page = snapshots.planned_page(
                         connection, recorded_through, PAGE_SIZE
                     )

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from audience_sync.errors import StoreError
 
 logger = logging.getLogger(__name__)
+
+# The execution option that marks a transaction as writing only temporary tables.
+TEMP_ONLY = "audience_sync_temp_only"
 
 # How long a SQLite writer waits for another process's write transaction to end.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -60,7 +65,21 @@ def _tune_sqlite(engine: Engine, *, read_only: bool) -> None:
     def _begin(connection: Any) -> None:
         # A deferred transaction that reads and then writes can fail with "database is
         # locked" whatever the busy timeout; taking the write lock up front cannot.
-        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        # A transaction that only writes temporary tables needs no lock on the store,
+        # and must not hold one while a long source query runs.
+        deferred = read_only or connection.get_execution_options().get(TEMP_ONLY)
+        connection.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
+
+
+@contextmanager
+def temp_only(connection: Connection) -> Iterator[None]:
+    """A transaction that writes only temporary tables: no lock on the store's file."""
+    connection.execution_options(**{TEMP_ONLY: True})
+    try:
+        with connection.begin():
+            yield
+    finally:
+        connection.execution_options(**{TEMP_ONLY: False})
 
 
 def open_store(url: str, *, read_only: bool = False) -> Engine:
