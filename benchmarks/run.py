@@ -352,10 +352,11 @@ class Stores:
         from sqlalchemy import text  # noqa: PLC0415
 
         try:
-            with self._engine.begin() as connection:
-                for schema in self._schemas:
-                    connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-            self._schemas.clear()
+            if self._schemas:
+                with self._engine.begin() as connection:
+                    for schema in self._schemas:
+                        connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+                self._schemas.clear()
         finally:
             self._engine.dispose()
             self._engine = None
@@ -699,7 +700,11 @@ class EmulatorProcess:
         )
         try:
             assert self._wrapper.stdout is not None
-            self._pid = json.loads(self._wrapper.stdout.readline())["pid"]
+            first = self._wrapper.stdout.readline()
+            try:
+                self._pid = json.loads(first)["pid"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise BenchmarkError(f"the emulator did not start: {first!r}") from None
             self.url = self._wait_for_banner()
         except BaseException:
             self.stop()
@@ -732,7 +737,10 @@ class EmulatorProcess:
             if self._pid:
                 os.kill(self._pid, signal.SIGKILL)
             output, _ = wrapper.communicate()
-        child = finished(self.name, self.logs, output)
+        try:
+            child = finished(self.name, self.logs, output)
+        except BenchmarkError:
+            return  # no stats: the caller's checks say what went wrong
         self.cpu = child.cpu
         found = re.search(
             r"(\d+) requests, (\d+) messages, (\d+) users, (\d+) duplicates",
