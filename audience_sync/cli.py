@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -24,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from audience_sync import __version__
 from audience_sync.config import Config, config_path, load_config
+from audience_sync.durations import parse_duration
 from audience_sync.errors import EXIT_USAGE, AudienceSyncError, StoreError, UsageError
 from audience_sync.logs import LogFormat, setup_logging
 from audience_sync.progress import BarProgress, LogProgress
@@ -99,13 +102,23 @@ pass_context = click.make_pass_decorator(Context)
 
 
 def _parse_now(value: str | None) -> datetime:
+    """Read --now: an ISO 8601 time, or a shift from the present such as +10d or -2h."""
+    present = datetime.now(UTC)
     if value is None:
-        return datetime.now(UTC)
+        return present
+    if value[:1] in "+-" and value[1:2].isdigit():
+        try:
+            shift = parse_duration(value[1:])
+        except ValueError:
+            shift = None
+        if shift is not None:
+            return present + shift if value[0] == "+" else present - shift
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
         raise UsageError(
-            f"--now {value!r} is not an ISO 8601 time such as 2026-03-01T12:00:00Z"
+            f"--now {value!r} is not an ISO 8601 time such as 2026-03-01T12:00:00Z "
+            "or a shift such as +10d"
         ) from None
     # A time without an offset is read as UTC, the only zone audience-sync uses.
     return (
@@ -242,12 +255,15 @@ def run(
         wait=wait,
     )
     config = context.config
+    stop = threading.Event()
     err_console = Console(stderr=True)
-    if err_console.is_terminal and not as_json:
-        with BarProgress(err_console) as bars:
-            result = run_once(config, options, progress=bars)
-    else:
-        result = run_once(config, options, progress=LogProgress())
+    with _stop_on_signals(stop):
+        if err_console.is_terminal and not as_json:
+            with BarProgress(err_console) as bars:
+                result = run_once(config, options, progress=bars, stop=stop)
+        else:
+            with LogProgress() as progress:
+                result = run_once(config, options, progress=progress, stop=stop)
 
     if as_json:
         _dump(_run_result_json(result))
@@ -257,6 +273,30 @@ def run(
         if key.status == "locked":
             click.echo(f"error: {key.error}", err=True)
     sys.exit(result.exit_code)
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM or SIGINT stops the run between batches; a second one stops at once."""
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        logger.warning(
+            "Received %s: finishing in-flight work, then stopping",
+            signal.Signals(signum).name,
+        )
+        stop.set()
+
+    previous = {
+        signum: signal.signal(signum, request_stop)
+        for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _run_result_json(result: RunResult) -> dict[str, Any]:
@@ -298,11 +338,12 @@ def _run_result_json(result: RunResult) -> dict[str, Any]:
 
 
 def _print_run_result(console: Console, result: RunResult) -> None:
-    title = (
-        f"Dry run at now={_time(result.now)} UTC (nothing sent or recorded)"
-        if result.dry_run
-        else f"Run {result.run_id} {result.status} (now={_time(result.now)} UTC)"
-    )
+    if result.dry_run:
+        title = f"Dry run at now={_time(result.now)} UTC (nothing sent or recorded)"
+    elif result.run_id is None:
+        title = f"Nothing was synced (now={_time(result.now)} UTC)"
+    else:
+        title = f"Run {result.run_id} {result.status} (now={_time(result.now)} UTC)"
     table = Table(title=title, title_justify="left")
     for column in ("key", "kind", "status", "members", "entered", "exited", "changed"):
         table.add_column(column, justify="right" if column in _NUMERIC else "left")
@@ -357,6 +398,17 @@ _NUMERIC = {"members", "entered", "exited", "changed"}
 # ---------------------------------------------------------------------------
 
 
+def _known_key(connection: Connection, key: str) -> history.KeyInfo:
+    """The store's record of a key, or a usage error listing the keys it knows."""
+    known = {info.key: info for info in history.list_keys(connection)}
+    if key not in known:
+        raise UsageError(
+            f"the store knows no key {key!r} "
+            f"(known keys: {', '.join(sorted(known)) or 'none'})"
+        )
+    return known[key]
+
+
 @cli.command("history")
 @click.option(
     "--audience", "key", metavar="KEY", help="Only runs that synced this key."
@@ -370,6 +422,8 @@ def history_command(
 ) -> None:
     """List runs, newest first."""
     with context.read_store() as connection:
+        if key is not None:
+            _known_key(connection, key)
         found = history.list_runs(connection, key=key, limit=limit)
 
     if as_json:
@@ -493,6 +547,8 @@ def changes(context: Context, run_id: int, key: str | None, as_json: bool) -> No
     with context.read_store() as connection:
         if history.get_run(connection, run_id) is None:
             raise UsageError(f"there is no run {run_id}")
+        if key is not None:
+            _known_key(connection, key)
         rows = history.list_changes(connection, run_id, key)
 
     if as_json:
@@ -521,15 +577,10 @@ def changes(context: Context, run_id: int, key: str | None, as_json: bool) -> No
 def members(context: Context, key: str, as_of: int | None, as_json: bool) -> None:
     """List the members of a key that the destination acknowledged."""
     with context.read_store() as connection:
-        known = {info.key: info for info in history.list_keys(connection)}
-        if key not in known:
-            raise UsageError(
-                f"the store knows no key {key!r} "
-                f"(known keys: {', '.join(sorted(known)) or 'none'})"
-            )
+        info = _known_key(connection, key)
         if as_of is not None and history.get_run(connection, as_of) is None:
             raise UsageError(f"there is no run {as_of}")
-        absent = "false" if known[key].kind == "audience" else "null"
+        absent = "false" if info.kind == "audience" else "null"
         rows = snapshots.members(connection, key, as_of, absent)
 
     if as_json:
@@ -538,7 +589,8 @@ def members(context: Context, key: str, as_of: int | None, as_json: bool) -> Non
 
     console = _console()
     when = f"as of run {as_of}" if as_of is not None else "now"
-    table = Table(title=f"{key}: {len(rows)} members {when}", title_justify="left")
+    console.print(f"{key}: {len(rows)} members {when}")
+    table = Table()
     table.add_column("user_id")
     table.add_column("value")
     for user_id, value in rows:

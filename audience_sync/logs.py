@@ -51,5 +51,6 @@ def setup_logging(level: str, fmt: LogFormat = "text") -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    # APScheduler's INFO lines repeat ours ("Running job", "executed successfully").
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # APScheduler's lines repeat ours ("Running job", "skipped: maximum number of
+    # running instances"); the daemon logs each in its own words.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Protocol
 
@@ -52,57 +53,78 @@ class NoProgress:
 
 
 class LogProgress:
-    """An INFO line at most every `interval` seconds, for logs no one watches live."""
+    """An INFO line every `interval` seconds while a key is read or sent.
+
+    A thread of its own writes the lines, so a run that is stuck (a destination
+    answering 429 after 429) still says where it is. Use it as a context manager.
+    """
 
     def __init__(self, interval: float = 15.0) -> None:
         self._interval = interval
-        self._reset()
-
-    def _reset(self) -> None:
-        self._started = time.monotonic()
-        self._last = self._started
-        self._read = 0
-        self._sent = 0
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, name="audience-sync-progress", daemon=True
+        )
+        self._key: str | None = None
+        self._phase = ""
+        self._count = 0
         self._total = 0
+        self._started = time.monotonic()
 
-    def _due(self) -> bool:
-        now = time.monotonic()
-        if now - self._last < self._interval:
-            return False
-        self._last = now
-        return True
+    def __enter__(self) -> LogProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stopped.wait(self._interval):
+            self.report()
+
+    def report(self) -> None:
+        """Log where the current key is, if one is being read or sent."""
+        with self._lock:
+            key, phase, count, total = self._key, self._phase, self._count, self._total
+            elapsed = max(time.monotonic() - self._started, 1e-9)
+        if key is None:
+            return
+        rate = count / elapsed
+        if phase == "reading":
+            logger.info("%s: read %d rows (%.0f/s)", key, count, rate)
+            return
+        left = f"about {(total - count) / rate:.0f}s left" if rate else "waiting"
+        logger.info(
+            "%s: sent %d of %d messages (%.0f/s, %s)", key, count, total, rate, left
+        )
+
+    def _start(self, key: str, phase: str, total: int = 0) -> None:
+        self._key, self._phase, self._count, self._total = key, phase, 0, total
+        self._started = time.monotonic()
 
     def reading(self, key: str, rows: int) -> None:
-        """Count rows read; log now and then."""
-        self._read += rows
-        if self._due():
-            rate = self._read / max(time.monotonic() - self._started, 1e-9)
-            logger.info("%s: read %d rows (%.0f/s)", key, self._read, rate)
+        """Count rows read."""
+        with self._lock:
+            if self._key != key or self._phase != "reading":
+                self._start(key, "reading")
+            self._count += rows
 
     def sending(self, key: str, total: int) -> None:
         """Start counting what is sent."""
-        self._started = time.monotonic()
-        self._total = total
+        with self._lock:
+            self._start(key, "sending", total)
 
     def sent(self, key: str, count: int) -> None:
-        """Count messages sent; log now and then with the time left."""
-        self._sent += count
-        if self._due():
-            elapsed = max(time.monotonic() - self._started, 1e-9)
-            rate = self._sent / elapsed
-            left = (self._total - self._sent) / rate if rate else 0.0
-            logger.info(
-                "%s: sent %d of %d messages (%.0f/s, about %.0fs left)",
-                key,
-                self._sent,
-                self._total,
-                rate,
-                left,
-            )
+        """Count messages handled."""
+        with self._lock:
+            self._count += count
 
     def done(self, key: str) -> None:
-        """Start afresh for the next key."""
-        self._reset()
+        """Nothing to report until the next key starts."""
+        with self._lock:
+            self._key = None
 
 
 class BarProgress:

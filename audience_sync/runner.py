@@ -14,11 +14,14 @@ snapshot equal to what the destination acknowledged.
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -52,7 +55,7 @@ from audience_sync.progress import NoProgress, RunProgress
 from audience_sync.sources import ReadCounts, Sources, absent_value
 from audience_sync.store import history
 from audience_sync.store import snapshot as snapshots
-from audience_sync.store.database import open_store, temp_only
+from audience_sync.store.database import open_store, sqlite_path, temp_only
 from audience_sync.store.leases import Heartbeat, Leases, utcnow
 from audience_sync.store.migrate import upgrade
 from audience_sync.transports import Delivery, Transport, make_transport
@@ -171,12 +174,20 @@ class Run:
     def execute(self) -> RunResult:
         """Sync every selected key once and record the run."""
         definitions = self.config.select(self.options.keys)
-        engine = self._engine or open_store(self.config.store_url.get_secret_value())
-        try:
+        if self._engine is not None:
+            return self._execute(self._engine, definitions)
+
+        with ExitStack() as cleanup:
+            url = self.config.store_url.get_secret_value()
+            path = sqlite_path(url)
+            if self.options.dry_run and path is not None and not path.exists():
+                # A dry run creates no store: with none yet, every member is new, and
+                # a throwaway store in a temporary folder says so.
+                folder = cleanup.enter_context(tempfile.TemporaryDirectory())
+                url = f"sqlite:///{Path(folder) / 'dry-run.db'}"
+            engine = open_store(url)
+            cleanup.callback(engine.dispose)
             return self._execute(engine, definitions)
-        finally:
-            if self._engine is None:
-                engine.dispose()
 
     def _execute(self, engine: Engine, definitions: list[Definition]) -> RunResult:
         options = self.options

@@ -29,6 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.interval import IntervalTrigger
@@ -120,13 +121,14 @@ class Daemon:
         self._idle.clear()
         started = time.monotonic()
         try:
-            result = Run(
-                config,
-                RunOptions(now=utcnow(), trigger="schedule"),
-                stop=self.stop,
-                engine=self._engine,
-                progress=LogProgress(),
-            ).execute()
+            with LogProgress() as progress:
+                result = Run(
+                    config,
+                    RunOptions(now=utcnow(), trigger="schedule"),
+                    stop=self.stop,
+                    engine=self._engine,
+                    progress=progress,
+                ).execute()
         except AudienceSyncError as exc:
             # A bad config or an unreachable store: the next run tries again.
             logger.error("The run could not start: %s", exc)
@@ -144,7 +146,7 @@ class Daemon:
         self._observe_sizes()
         if result.run_id is not None:
             logger.info(
-                "Run %d %s in %.1fs (%d keys)",
+                "Run %d %s in %.1fs (keys synced: %d)",
                 result.run_id,
                 result.status,
                 seconds,
@@ -214,6 +216,7 @@ class Daemon:
             },
         )
         self._scheduler = scheduler
+        scheduler.add_listener(self._skipped, EVENT_JOB_MAX_INSTANCES)
         scheduler.add_job(
             "audience_sync.scheduler:scheduled_sync",
             trigger=_trigger(self.config),
@@ -239,6 +242,14 @@ class Daemon:
             self._restore_signal_handlers(previous)
 
         return self._finish()
+
+    @staticmethod
+    def _skipped(event: JobSubmissionEvent) -> None:
+        due = event.scheduled_run_times[0] if event.scheduled_run_times else None
+        logger.warning(
+            "Skipped the run due at %s: the previous run is still going",
+            f"{due:%Y-%m-%d %H:%M:%S} UTC" if due else "now",
+        )
 
     def _finish(self) -> int:
         timeout = self.config.schedule.shutdown_timeout.total_seconds()

@@ -283,7 +283,13 @@ class Sources:
             ) from exc
         if definition.declaration is not None:
             return explain(statement, engine.dialect)
-        shown = f"-- :now = {now.isoformat()}\n" if parameters else ""
+        # Show :now the way the driver receives it.
+        bound = (
+            now.strftime("%Y-%m-%d %H:%M:%S.%f")
+            if engine.dialect.name == "sqlite"
+            else now.isoformat()
+        )
+        shown = f"-- :now = {bound}\n" if parameters else ""
         return shown + (definition.query or "").strip()
 
     def close(self) -> None:

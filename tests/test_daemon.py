@@ -196,7 +196,7 @@ def test_an_overlapping_run_is_skipped_not_queued(
     )
     daemons.stop_all()
 
-    assert "maximum number of running instances reached" in daemons.log()
+    assert "the previous run is still going" in daemons.log()
     for earlier, later in pairwise(found):
         assert later.started_at >= earlier.finished_at
 
@@ -388,7 +388,7 @@ def test_three_daemons_on_postgresql_share_the_audiences(
 ) -> None:
     """Each key is synced by one daemon at a time, and all keys keep being synced."""
     if not store_url.startswith("postgresql"):
-        pytest.skip("the shared store under test is PostgreSQL")
+        pytest.skip("this test needs a PostgreSQL store")
     names = [f"Aud{i}" for i in range(6)]
     for name in names:
         warehouse.set_members(name, [f"{name}-u{j}" for j in range(50)])

@@ -12,7 +12,6 @@ from sqlalchemy import create_engine, func, select
 
 from audience_sync.config import Config, FileDestination, load_config
 from audience_sync.runner import RunOptions, RunResult, run_once
-from audience_sync.store import history
 from audience_sync.store import snapshot as snapshots
 from audience_sync.store.database import open_store
 from audience_sync.store.schema import changes, runs
@@ -193,11 +192,13 @@ def test_trait_values_enter_change_and_leave_as_null(
 def test_dry_run_sends_and_records_nothing(
     make_config: Any, warehouse: Warehouse
 ) -> None:
-    """A dry run reports the changes it would send, and leaves no trace."""
+    """A dry run after a sync reports what it would send, and leaves no trace."""
     warehouse.set_members("Beta Testers", ["u1", "u2"])
     config = make_config()
+    sync(config)
+    warehouse.set_members("Beta Testers", ["u2", "u3"])
 
-    result = sync(config, dry_run=True)
+    result = sync(config, now=NOW + timedelta(hours=2), dry_run=True)
 
     engine = open_store(config.store_url.get_secret_value(), read_only=True)
     with engine.connect() as connection:
@@ -205,13 +206,31 @@ def test_dry_run_sends_and_records_nothing(
         change_count = connection.execute(
             select(func.count()).select_from(changes)
         ).scalar()
-        keys = history.list_keys(connection)
     engine.dispose()
     assert result.run_id is None
+    assert (result.keys[0].diff.entered, result.keys[0].diff.exited) == (1, 1)
+    assert sorted(row[:2] for row in result.keys[0].preview) == [
+        ("u1", "exited"),
+        ("u3", "entered"),
+    ]
+    assert len(sent(config)) == 2
+    assert (run_count, change_count) == (1, 2)
+
+
+def test_dry_run_without_a_store_creates_none(
+    tmp_path: Path, warehouse: Warehouse
+) -> None:
+    """With no store yet, a dry run shows every member as new and creates no file."""
+    warehouse.set_members("Beta Testers", ["u1", "u2"])
+    config = load_config(
+        write_config(tmp_path, f"sqlite:///{tmp_path / 'store.db'}", warehouse)
+    )
+
+    result = sync(config, dry_run=True)
+
     assert result.keys[0].diff.entered == 2
-    assert sorted(row[0] for row in result.keys[0].preview) == ["u1", "u2"]
+    assert not (tmp_path / "store.db").exists()
     assert sent(config) == []
-    assert (run_count, change_count, keys) == (0, 0, [])
 
 
 def test_full_resends_every_member_without_changing_membership(
