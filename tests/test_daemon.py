@@ -433,3 +433,48 @@ def test_three_daemons_on_postgresql_share_the_audiences(
         for earlier, later in pairwise(syncs):
             assert later.started_at >= earlier.finished_at, key
     assert len({row.owner for row in rows}) >= 2
+
+
+def test_sigterm_stops_a_one_shot_run_and_marks_it_interrupted(
+    tmp_path: Path, warehouse: Warehouse
+) -> None:
+    """run --run-now on SIGTERM: stops between batches, records, exits 1."""
+    store_url = f"sqlite:///{tmp_path / 'store.db'}"
+    warehouse.set_members("Big", [f"u{i:07d}" for i in range(400_000)])
+    config = write_daemon_config(
+        tmp_path, store_url, warehouse, {"Big": plain("Big")}, every="1h"
+    )
+    messages = tmp_path / "messages.jsonl"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "audience_sync",
+            "--config",
+            str(config),
+            "run",
+            "--run-now",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for(lambda: messages.exists() and messages.stat().st_size > 0, timeout=60)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        assert process.stderr is not None
+        stderr = process.stderr.read().decode()
+        process.stderr.close()
+
+    (run,) = store_rows(store_url, select(runs))
+    (key,) = store_rows(store_url, select(run_keys))
+    written = len(messages.read_text().splitlines())
+    assert code == 1
+    assert "Received SIGTERM" in stderr
+    assert "Traceback" not in stderr
+    assert run.status == "interrupted"
+    assert key.acknowledged == written
+    assert key.acknowledged + key.pending == 400_000
