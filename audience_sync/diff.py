@@ -38,7 +38,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from audience_sync.store.schema import MAX_USER_ID, snapshot
+from audience_sync.store.schema import MAX_USER_ID, snapshot, uncertain
 
 _temporary = MetaData()
 
@@ -228,15 +228,20 @@ def diff_select(
 ) -> Select[tuple[str, str, str, str]]:
     """The changes of one key as rows of `(user_id, kind, old, new)`.
 
+    A user marked uncertain (a message to them may or may not have arrived) is
+    always in the diff, with the truth as it is now: `resent` when it equals the
+    snapshot, `exited` with the absent value when they are in neither.
+
     Args:
         key: the key whose snapshot the staged rows are compared with.
         absent: the JSON value of a user who is not in it (false or null).
         full: also produce every unchanged user, as `resent`.
     """
     current = snapshot.alias("current")
+    doubt = uncertain.alias("doubt")
     joined = staged.outerjoin(
         current, and_(current.c.key == key, current.c.user_id == staged.c.user_id)
-    )
+    ).outerjoin(doubt, and_(doubt.c.key == key, doubt.c.user_id == staged.c.user_id))
 
     kind = case(
         (current.c.value.is_(None), literal("entered")),
@@ -251,7 +256,11 @@ def diff_select(
     ).select_from(joined)
     if not full:
         present = present.where(
-            or_(current.c.value.is_(None), current.c.value != staged.c.value)
+            or_(
+                current.c.value.is_(None),
+                current.c.value != staged.c.value,
+                doubt.c.user_id.is_not(None),
+            )
         )
 
     gone = select(
@@ -264,7 +273,21 @@ def diff_select(
         ~exists().where(staged.c.user_id == snapshot.c.user_id),
     )
 
-    union = union_all(present, gone).subquery("diff")
+    # In neither the source nor the snapshot, but a value may have reached them.
+    unknown = select(
+        uncertain.c.user_id,
+        literal("exited").label("kind"),
+        literal(absent).label("old"),
+        literal(absent).label("new"),
+    ).where(
+        uncertain.c.key == key,
+        ~exists().where(staged.c.user_id == uncertain.c.user_id),
+        ~exists().where(
+            snapshot.c.key == key, snapshot.c.user_id == uncertain.c.user_id
+        ),
+    )
+
+    union = union_all(present, gone, unknown).subquery("diff")
     return select(union.c.user_id, union.c.kind, union.c.old, union.c.new)
 
 

@@ -169,6 +169,7 @@ class Run:
         self._engine = engine
         self._lost: set[str] = set()
         self._fresh: set[str] = set()  # keys declared again after being retired
+        self._owner = ""
         self.progress: RunProgress = progress or NoProgress()
 
     def execute(self) -> RunResult:
@@ -193,6 +194,7 @@ class Run:
         options = self.options
         upgrade(engine)
         leases = Leases(engine)
+        self._owner = leases.owner
 
         # A key that changed kind is a config error, found before anything is sent.
         with engine.begin() as connection:
@@ -607,15 +609,21 @@ class Run:
         recorded_through = 0
         try:
             while not self.stop.is_set():
-                if key in self._lost:
-                    raise SyncError(f"lost the lease of {key!r} to another process")
-
                 with temp_only(connection):
                     page = snapshots.planned_page(
                         connection, recorded_through, PAGE_SIZE
                     )
                 if not page:
                     break
+
+                # Before anything leaves: make sure the key is still ours, and mark
+                # the page's users uncertain, so that a crash from here on makes the
+                # next run send them the truth whatever arrived.
+                with connection.begin():
+                    self._check_lease(connection, key)
+                    snapshots.mark_uncertain(
+                        connection, run_id, key, page[0].id, page[-1].id
+                    )
 
                 messages = [builder.build(row.id, row.user_id, row.new) for row in page]
                 try:
@@ -628,6 +636,10 @@ class Run:
                 self.progress.sent(key, len(messages))
 
                 with connection.begin():
+                    # A process paused past its lease may have sent stale values
+                    # after another one synced the key: keep them uncertain (the
+                    # next run corrects them) and fold nothing into the snapshot.
+                    self._check_lease(connection, key)
                     self._record_page(
                         connection, run_id, key, messages, deliveries, result
                     )
@@ -637,6 +649,11 @@ class Run:
                 snapshots.leave_pending(
                     connection, run_id, key, after_id=recorded_through
                 )
+
+    def _check_lease(self, connection: Connection, key: str) -> None:
+        """Stop sending a key whose lease another process has taken over."""
+        if key in self._lost or not snapshots.holds_lease(connection, key, self._owner):
+            raise SyncError(f"lost the lease of {key!r} to another process; stopped")
 
     def _record_page(
         self,

@@ -238,4 +238,4 @@ def test_db_upgrade_creates_the_store_and_reports_head(tmp_path: Path) -> None:
 
     assert upgraded.returncode == 0, upgraded.stderr
     assert "(head)" in upgraded.stdout
-    assert current.stdout.strip() == "store: 0002; this version needs: 0002"
+    assert current.stdout.strip() == "store: 0003; this version needs: 0003"

@@ -25,6 +25,7 @@ from audience_sync.store.schema import leases, runs
 
 TABLES = {
     "alembic_version",
+    "uncertain",
     "changes",
     "definitions",
     "leases",

@@ -15,6 +15,7 @@ from audience_sync.runner import RunOptions, RunResult, run_once
 from audience_sync.store import snapshot as snapshots
 from audience_sync.store.database import open_store
 from audience_sync.store.schema import changes, runs
+from audience_sync.transports.base import ACKNOWLEDGED, PENDING, Delivery
 from tests.conftest import Warehouse, write_config
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -396,3 +397,51 @@ def test_a_source_in_the_store_database_is_staged_inside_it(
     assert (trait.members, trait.skipped, trait.duplicates) == (2, 2, 1)
     assert traits_sent(config, until=3) == {"u1": True, "u2": True, "u3": True}
     assert traits_sent(config, skip=3) == {"u1": 5, "u2": 7}
+
+
+class Destination:
+    """A transport that applies every message it is handed, like Plotline would,
+    and reports back what the test chooses (an acknowledgement can get lost)."""
+
+    name = "test"
+
+    def __init__(self) -> None:
+        self.state: dict[str, dict[str, Any]] = {}
+        self.answer = ACKNOWLEDGED
+
+    def send(self, messages: Any, stop: Any) -> list[Delivery]:
+        for message in messages:
+            self.state.setdefault(message.user_id, {}).update(message.body["traits"])
+        return [self.answer] * len(messages)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_change_whose_fate_is_unknown_is_corrected_later(
+    make_config: Any, warehouse: Warehouse
+) -> None:
+    """Arrived but never acknowledged, then the truth reverts: the next run fixes it."""
+    destination = Destination()
+    config = make_config()
+    warehouse.set_members("Beta Testers", ["u1"])
+    destination.answer = PENDING
+
+    lost = run_once(config, RunOptions(now=NOW), transport_factory=lambda: destination)
+    warehouse.set_members("Beta Testers", [])
+    destination.answer = ACKNOWLEDGED
+    fixed = run_once(
+        config,
+        RunOptions(now=NOW + timedelta(hours=2)),
+        transport_factory=lambda: destination,
+    )
+    settled = run_once(
+        config,
+        RunOptions(now=NOW + timedelta(hours=4)),
+        transport_factory=lambda: destination,
+    )
+
+    assert lost.keys[0].pending == 1
+    assert fixed.keys[0].diff.exited == 1
+    assert destination.state == {"u1": {"beta_testers": False}}
+    assert settled.keys[0].diff.total == 0

@@ -7,6 +7,8 @@
   change per user up to that run, so storage grows with changes, not runs x members.
 - `snapshot`: for each key and user, the value the destination acknowledged. It is the
   acknowledged changes folded up, kept as a table so that a diff is one set query.
+- `uncertain`: users a message was sent to without an acknowledgement; the next run
+  re-sends them the truth whatever the snapshot says.
 - `leases`: who is syncing a key right now, until when.
 """
 
@@ -144,6 +146,16 @@ snapshot = Table(
     Column("key", String(255), primary_key=True),
     Column("user_id", String(MAX_USER_ID), primary_key=True),
     Column("value", Text, nullable=False),
+    Column("run_id", Id, nullable=False),
+)
+
+# Users whose value at the destination is unknown: a message to them was sent (or
+# was about to be) and never acknowledged. The next run re-sends them the truth.
+uncertain = Table(
+    "uncertain",
+    metadata,
+    Column("key", String(255), primary_key=True),
+    Column("user_id", String(MAX_USER_ID), primary_key=True),
     Column("run_id", Id, nullable=False),
 )
 

@@ -14,7 +14,7 @@ from sqlalchemy import Connection, Integer, Text, func, insert, literal, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from audience_sync.diff import planned
-from audience_sync.store.schema import changes, snapshot
+from audience_sync.store.schema import changes, leases, snapshot, uncertain
 
 
 def planned_page(connection: Connection, after_id: int, size: int) -> Sequence[Any]:
@@ -116,6 +116,41 @@ def acknowledge(
             )
         )
 
+        # Acknowledged: the destination's value is known again.
+        connection.execute(
+            uncertain.delete().where(
+                uncertain.c.key == key,
+                uncertain.c.user_id.in_(select(planned.c.user_id).where(in_range)),
+            )
+        )
+
+
+def mark_uncertain(
+    connection: Connection, run_id: int, key: str, first_id: int, last_id: int
+) -> None:
+    """Mark the users of planned changes about to be sent: their fate is unknown."""
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    connection.execute(
+        dialect.insert(uncertain)
+        .from_select(
+            ["key", "user_id", "run_id"],
+            select(literal(key), planned.c.user_id, literal(run_id)).where(
+                planned.c.id.between(first_id, last_id)
+            ),
+        )
+        .on_conflict_do_nothing()
+    )
+
+
+def holds_lease(connection: Connection, key: str, owner: str) -> bool:
+    """Tell whether `owner` still holds the lease of `key` (nobody took it over)."""
+    return (
+        connection.execute(
+            select(leases.c.key).where(leases.c.key == key, leases.c.owner == owner)
+        ).first()
+        is not None
+    )
+
 
 def reject(
     connection: Connection,
@@ -134,6 +169,17 @@ def reject(
         "rejected",
         status_code,
         reason,
+    )
+    # A refusal leaves the destination as it was: a user this run marked uncertain
+    # is certain again (one already uncertain from an earlier run stays so).
+    connection.execute(
+        uncertain.delete().where(
+            uncertain.c.key == key,
+            uncertain.c.run_id == run_id,
+            uncertain.c.user_id.in_(
+                select(planned.c.user_id).where(planned.c.id == change_id)
+            ),
+        )
     )
 
 
