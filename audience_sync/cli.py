@@ -48,9 +48,10 @@ PREVIEW_ROWS = 20
 
 def _console() -> Console:
     # Off a terminal, a wide console keeps tables on one line per row for logs.
-    console = Console(highlight=False)
+    # No markup: user ids and error texts are data, and "[/x]" is a valid user id.
+    console = Console(highlight=False, markup=False)
     if not console.is_terminal:
-        console = Console(highlight=False, width=160)
+        console = Console(highlight=False, markup=False, width=160)
     return console
 
 
@@ -112,9 +113,16 @@ def _parse_now(value: str | None) -> datetime:
         except ValueError:
             shift = None
         if shift is not None:
-            return present + shift if value[0] == "+" else present - shift
+            try:
+                return present + shift if value[0] == "+" else present - shift
+            except OverflowError:
+                raise UsageError(f"--now {value!r} is out of range") from None
     try:
         moment = datetime.fromisoformat(value)
+        # The extremes of the calendar cannot move to UTC.
+        moment.astimezone(UTC)
+    except OverflowError:
+        raise UsageError(f"--now {value!r} is out of range") from None
     except ValueError:
         raise UsageError(
             f"--now {value!r} is not an ISO 8601 time such as 2026-03-01T12:00:00Z "
@@ -256,7 +264,7 @@ def run(
     )
     config = context.config
     stop = threading.Event()
-    err_console = Console(stderr=True)
+    err_console = Console(stderr=True, markup=False)
     with _stop_on_signals(stop):
         if err_console.is_terminal and not as_json:
             with BarProgress(err_console) as bars:
@@ -373,7 +381,7 @@ def _print_run_result(console: Console, result: RunResult) -> None:
 
     for k in result.keys:
         if k.error:
-            console.print(f"[bold]{k.key}[/bold]: {k.error}")
+            console.print(f"{k.key}: {k.error}")
     if result.dry_run:
         for k in result.keys:
             if not k.preview:
@@ -533,7 +541,7 @@ def show(context: Context, run_id: int, as_json: bool) -> None:
     console.print(table)
     for k in found.audiences:
         if k.error:
-            console.print(f"[bold]{k.key}[/bold]: {k.error}")
+            console.print(f"{k.key}: {k.error}")
 
 
 @cli.command()

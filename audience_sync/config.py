@@ -37,6 +37,7 @@ from audience_sync.keys import is_valid_key, snake_case
 CONFIG_ENV = "AUDIENCE_SYNC_CONFIG"
 DEFAULT_CONFIG = "config.yaml"
 DEFAULT_STORE = "sqlite:///audience_sync.db"
+MAX_KEY = 255
 
 Kind = Literal["audience", "trait"]
 
@@ -222,6 +223,13 @@ class FileDestination(_Strict):
     transport: Literal["file"]
     path: Path
 
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: Path) -> Path:
+        if str(value) in ("", ".") or str(value).endswith(("/", "\\")):
+            raise ValueError("must name a file")
+        return value
+
 
 class HttpDestination(_Strict):
     """Settings every HTTP transport shares: timeouts, concurrency, retries."""
@@ -235,7 +243,9 @@ class HttpDestination(_Strict):
     )
     max_in_flight: int = Field(default=8, ge=1, le=256)
     rate_limit: float | None = Field(
-        default=None, gt=0, description="Requests per second at most; none by default."
+        default=None,
+        ge=0.001,
+        description="Requests per second at most; none by default.",
     )
     max_attempts: int = Field(
         default=6, ge=1, description="Attempts per request for 5xx and network errors."
@@ -358,6 +368,8 @@ class DefinitionSettings(_Strict):
                 "must be lower-case letters, digits and _ and start with a letter "
                 "or digit"
             )
+        if value is not None and len(value) > MAX_KEY:
+            raise ValueError(f"is longer than {MAX_KEY} characters")
         return value
 
     @field_validator("query")
@@ -409,7 +421,20 @@ class Settings(_Strict):
     @field_validator("store", mode="before")
     @classmethod
     def _store(cls, value: Any) -> Any:
-        return _check_url(value) if isinstance(value, str) else value
+        if not isinstance(value, str):
+            return value
+        url = make_url(_check_url(value))
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError("must be a SQLite or PostgreSQL URL")
+        if url.get_backend_name() == "sqlite" and url.database in (
+            None,
+            "",
+            ":memory:",
+        ):
+            raise ValueError(
+                "must name a SQLite file; an in-memory store keeps nothing"
+            )
+        return value
 
     @field_validator("sources", mode="before")
     @classmethod
@@ -520,6 +545,11 @@ def _definitions(settings: Settings, tree: Any) -> tuple[Definition, ...]:
                     f"{prefix}{where}.name {item.name!r} gives an empty key; "
                     "set key: explicitly"
                 )
+            if len(key) > MAX_KEY:
+                raise ConfigError(
+                    f"{prefix}{where}.name gives a key longer than {MAX_KEY} "
+                    "characters; set a shorter key: explicitly"
+                )
             if key in seen:
                 raise ConfigError(
                     f"{prefix}{where} has the key {key!r}, "
@@ -566,6 +596,10 @@ def parse_config(text: str, path: Path, env: Mapping[str, str] | None = None) ->
         raise ConfigError(f"{name} is not valid YAML{where}: {exc.problem}") from exc
     except ConfigError as exc:
         raise ConfigError(f"{name} {exc}") from exc
+    except yaml.YAMLError as exc:
+        # Not tied to a place in the text, such as a control character.
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
+        raise ConfigError(f"{name} is not valid YAML: {reason}") from None
 
     if tree is None:
         raise ConfigError(f"{name} is empty; it needs at least a destination")
@@ -606,6 +640,10 @@ def parse_config(text: str, path: Path, env: Mapping[str, str] | None = None) ->
     destination = settings.destination
     if isinstance(destination, FileDestination) and not destination.path.is_absolute():
         destination = destination.model_copy(update={"path": folder / destination.path})
+    if isinstance(destination, FileDestination) and destination.path.is_dir():
+        raise ConfigError(
+            f"{name}: destination.path {destination.path} is a folder; name a file"
+        )
 
     sources = {
         source_name: Source(

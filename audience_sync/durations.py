@@ -8,6 +8,7 @@ from datetime import timedelta
 _PART = re.compile(r"(\d+(?:\.\d+)?)\s*(d|h|m|s)")
 _WHOLE = re.compile(r"^\s*(?:\d+(?:\.\d+)?\s*[dhms]\s*)+$")
 _SECONDS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+MAX_SECONDS = 3650 * 86400.0
 
 
 def parse_duration(text: str | int | float) -> timedelta:
@@ -19,14 +20,16 @@ def parse_duration(text: str | int | float) -> timedelta:
     if isinstance(text, bool):
         raise ValueError("expected a duration such as 2h, 90m or 45s")
     if isinstance(text, int | float):
-        if text < 0:
-            raise ValueError("a duration cannot be negative")
-        return timedelta(seconds=text)
-
-    if not _WHOLE.match(text):
+        seconds = float(text)
+    elif isinstance(text, str) and _WHOLE.match(text):
+        seconds = sum(float(n) * _SECONDS[unit] for n, unit in _PART.findall(text))
+    else:
         raise ValueError(f"{text!r} is not a duration such as 2h, 90m or 45s")
 
-    seconds = sum(float(n) * _SECONDS[unit] for n, unit in _PART.findall(text))
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    if not seconds <= MAX_SECONDS:  # also refuses NaN and infinity
+        raise ValueError("is too long (at most 3650 days)")
     return timedelta(seconds=seconds)
 
 

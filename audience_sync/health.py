@@ -136,6 +136,8 @@ def check_health(engine: Engine, config: Config) -> list[KeyHealth]:
 
     found = []
     for definition in config.definitions:
+        if not definition.enabled:
+            continue  # paused or retired keys are not expected to sync
         info = latest.get(definition.key)
         status = info.last_status if info else None
         synced = info.last_synced_at if info else None

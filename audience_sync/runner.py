@@ -175,10 +175,15 @@ class Run:
     def execute(self) -> RunResult:
         """Sync every selected key once and record the run."""
         definitions = self.config.select(self.options.keys)
-        if self._engine is not None:
-            return self._execute(self._engine, definitions)
-
         with ExitStack() as cleanup:
+            sources = Sources(self.config.sources)
+            cleanup.callback(sources.close)
+            # A declaration naming what does not exist is a config error, found
+            # before the store is even opened.
+            self._check_declarations(sources, definitions)
+            if self._engine is not None:
+                return self._execute(self._engine, sources, definitions)
+
             url = self.config.store_url.get_secret_value()
             path = sqlite_path(url)
             if self.options.dry_run and path is not None and not path.exists():
@@ -188,9 +193,11 @@ class Run:
                 url = f"sqlite:///{Path(folder) / 'dry-run.db'}"
             engine = open_store(url)
             cleanup.callback(engine.dispose)
-            return self._execute(engine, definitions)
+            return self._execute(engine, sources, definitions)
 
-    def _execute(self, engine: Engine, definitions: list[Definition]) -> RunResult:
+    def _execute(
+        self, engine: Engine, sources: Sources, definitions: list[Definition]
+    ) -> RunResult:
         options = self.options
         upgrade(engine)
         leases = Leases(engine)
@@ -204,13 +211,7 @@ class Run:
                 history.mark_interrupted(connection, leases.ttl.total_seconds())
 
         result = RunResult(run_id=None, now=options.now, dry_run=options.dry_run)
-        sources = Sources(self.config.sources)
-        try:
-            definitions = self._active(engine, definitions)
-            self._check_declarations(sources, definitions)
-        except BaseException:
-            sources.close()
-            raise
+        definitions = self._active(engine, definitions)
         transport: Transport | None = None
         heartbeat = Heartbeat(engine, leases, self._lost.update)
         try:
@@ -278,7 +279,6 @@ class Run:
                     finally:
                         leases.release(definition.key)
         finally:
-            sources.close()
             if transport is not None:
                 result.retries = int(getattr(transport, "retries", 0))
                 transport.close()
@@ -394,6 +394,12 @@ class Run:
                 f"the store failed: {str(getattr(exc, 'orig', exc)).splitlines()[0]}"
             )
             logger.exception("The store failed while syncing %s", definition.key)
+        except Exception as exc:
+            # Whatever one key's data does, the other keys of the run go ahead.
+            result.status = "failed"
+            result.error = f"unexpected {type(exc).__name__}: {exc}".splitlines()[0]
+            logger.error("%s failed: %s", definition.key, result.error)
+            logger.debug("The failure of %s", definition.key, exc_info=True)
         finally:
             self.progress.done(definition.key)
             result.seconds = time.monotonic() - started
@@ -577,7 +583,7 @@ class Run:
         self, connection: Connection, definition: Definition, result: KeyResult
     ) -> None:
         guard = self.config.guard
-        if self.options.force or self.options.full or not definition.enabled:
+        if self.options.force or not definition.enabled:
             return
         leaving = result.diff.exited
         if leaving <= guard.max_exit_fraction * guard.min_members:

@@ -33,7 +33,6 @@ from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy.engine import make_url
 
 from audience_sync.config import Config, load_config
 from audience_sync.durations import format_duration
@@ -42,7 +41,7 @@ from audience_sync.health import HealthServer, Metrics, check_health
 from audience_sync.progress import LogProgress
 from audience_sync.runner import Run, RunOptions
 from audience_sync.store import history
-from audience_sync.store.database import open_store
+from audience_sync.store.database import describe_url, open_store
 from audience_sync.store.leases import utcnow
 from audience_sync.store.migrate import upgrade
 
@@ -185,6 +184,10 @@ class Daemon:
         except AudienceSyncError as exc:
             logger.error("Kept the old config; the new one is invalid: %s", exc)
             return
+        except Exception as exc:
+            # Whatever is wrong with the new file, the daemon keeps running.
+            logger.error("Kept the old config; the new one could not be read: %s", exc)
+            return
 
         old = self.config
         self.config = config
@@ -286,6 +289,4 @@ class Daemon:
 
 
 def _describe_store(config: Config) -> str:
-    return make_url(config.store_url.get_secret_value()).render_as_string(
-        hide_password=True
-    )
+    return describe_url(config.store_url.get_secret_value())

@@ -8,6 +8,7 @@ through in batches so memory does not grow with the audience; each batch comes o
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,11 +79,15 @@ def encode_value(value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, Decimal):
+        if not value.is_finite():
+            return None  # JSON has no NaN or infinity: the user has no value
         value = int(value) if value == value.to_integral_value() else float(value)
+    elif isinstance(value, float) and not math.isfinite(value):
+        return None
     elif isinstance(value, datetime):
-        if value.tzinfo is not None:
-            value = value.astimezone(UTC)
-        value = value.isoformat().replace("+00:00", "Z")
+        # A time without a zone is read as UTC, the only zone audience-sync uses.
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value
+        value = value.astimezone(UTC).isoformat().replace("+00:00", "Z")
     elif isinstance(value, date):
         value = value.isoformat()
     elif not isinstance(value, str | int | float | bool):
@@ -91,11 +96,17 @@ def encode_value(value: Any) -> str | None:
 
 
 def clean_user_id(user_id: Any) -> str | None:
-    """Trim a user id; None for a null, empty, blank or over-long one."""
+    """Trim a user id; None for a null, blank, over-long or NUL-bearing one."""
     if user_id is None:
         return None
+    if isinstance(user_id, bytes | bytearray | memoryview):
+        try:
+            user_id = bytes(user_id).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
     cleaned = (user_id if isinstance(user_id, str) else str(user_id)).strip()
-    if not cleaned or len(cleaned) > MAX_USER_ID:
+    # PostgreSQL cannot store NUL in text; no destination would want it either.
+    if not cleaned or len(cleaned) > MAX_USER_ID or "\x00" in cleaned:
         return None
     return cleaned
 
@@ -331,7 +342,7 @@ def _statement(
                     connection,
                     now,
                 )
-        except DeclarationError as exc:
+        except (DeclarationError, OverflowError) as exc:
             raise SourceError(f"{definition.kind} {definition.key!r}: {exc}") from None
         return compiled, {}
 
@@ -392,7 +403,9 @@ def _limit_time(connection: Connection, seconds: float, deadline: float) -> None
     """Make the database give up on a statement that runs past the source's timeout."""
     dialect = connection.dialect.name
     if dialect == "postgresql":
-        connection.exec_driver_sql(f"SET statement_timeout = {int(seconds * 1000)}")
+        # PostgreSQL takes at most 2^31 - 1 milliseconds (about 24.8 days).
+        limit = min(int(seconds * 1000), 2**31 - 1)
+        connection.exec_driver_sql(f"SET statement_timeout = {limit}")
     elif dialect == "sqlite":
         raw = connection.connection.dbapi_connection
         assert raw is not None

@@ -324,13 +324,16 @@ def test_the_collapse_guard_holds_an_emptied_audience(tmp_path: Path) -> None:
     sent_before = len((tmp_path / "out.jsonl").read_text().splitlines())
 
     held = cli(tmp_path, "run", "--run-now")
+    held_full = cli(tmp_path, "run", "--run-now", "--full", "--audience", "big")
     sent_while_held = len((tmp_path / "out.jsonl").read_text().splitlines())
     forced = cli(tmp_path, "run", "--run-now", "--force", "--audience", "big")
     runs = cli_json(tmp_path, "history")
 
     assert held.returncode == 1
     assert "199 of 200 members would leave at once" in held.stdout
+    assert held_full.returncode == 1  # --full re-sends; it does not force
     assert sent_while_held == sent_before + 1  # only small's new member
     assert runs[1]["audiences"][0]["status"] == "held"
+    assert runs[2]["audiences"][0]["status"] == "held"
     assert forced.returncode == 0
     assert runs[0]["audiences"][0]["exited"] == 199

@@ -130,6 +130,7 @@ def test_a_declaration_naming_a_missing_event_is_a_config_error(
     assert "audiences[0] ('Ghosts'): condition.performed" in str(caught.value)
     assert "order_cancelled" in str(caught.value)
     assert not (tmp_path / "out.jsonl").exists()
+    assert not (tmp_path / "store.db").exists()
 
 
 def test_a_declaration_with_a_bad_window_fails_when_loading(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import quote
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
 from audience_sync.errors import StoreError
@@ -39,6 +39,18 @@ def sqlite_path(url: str) -> Path | None:
     ):
         return None
     return Path(parsed.database)
+
+
+def describe_url(url: str) -> str:
+    """A database URL safe to log: kind, host, port and database, nothing else.
+
+    Passwords can hide in the query string too (`?password=...`), so it is dropped
+    whole, with the user name.
+    """
+    parsed = make_url(url)
+    return URL.create(
+        parsed.drivername, host=parsed.host, port=parsed.port, database=parsed.database
+    ).render_as_string(hide_password=True)
 
 
 def file_uri(path: Path) -> str:
@@ -105,7 +117,13 @@ def open_store(url: str, *, read_only: bool = False) -> Engine:
                 database=file_uri(path), query={"mode": "ro", "uri": "true"}
             )
         elif path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except (OSError, ValueError) as exc:
+                raise StoreError(
+                    f"cannot create the store's folder {path.parent}: "
+                    f"{getattr(exc, 'strerror', None) or exc}"
+                ) from None
             # URI filenames, so that a SQLite source can be attached read-only.
             parsed = parsed.set(database=file_uri(path), query={"uri": "true"})
         # Each connection is cheap and a file handle; pooling them buys nothing

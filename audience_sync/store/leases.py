@@ -157,7 +157,16 @@ class Leases:
             ).first()
 
         if taken is None:
-            assert holder is not None
+            if holder is None:
+                # Another process took the key between our look and our insert.
+                with self._engine.connect() as connection:
+                    holder = connection.execute(
+                        select(leases.c.owner, leases.c.expires_at).where(
+                            leases.c.key == key
+                        )
+                    ).first()
+            if holder is None:
+                raise LockHeldError(f"{key!r} was being taken by another process")
             who = Owner.parse(holder.owner)
             raise LockHeldError(
                 f"{key!r} is being synced by "

@@ -483,4 +483,8 @@ class HttpTransport:
     def _redact(self, text: str) -> str:
         """Remove the key from text a destination sent back, in case it echoes it."""
         secret = self._key.get_secret_value()
-        return text.replace(secret, "***") if secret else text
+        if not secret:
+            return text
+        # Also the Authorization header's form of it, should a server echo that.
+        token = base64.b64encode(f"{secret}:".encode()).decode()
+        return text.replace(token, "***").replace(secret, "***")
