@@ -63,10 +63,10 @@ def events(tmp_path: Path) -> Path:
     return path
 
 
-def write(folder: Path, body: str) -> Path:
+def write(folder: Path, body: str, store: str = "sqlite:///store.db") -> Path:
     path = folder / "config.yaml"
     path.write_text(
-        "store: sqlite:///store.db\n"
+        f"store: '{store}'\n"
         "sources: {warehouse: sqlite:///warehouse.db}\n"
         "destination: {transport: file, path: out.jsonl}\n" + body
     )
@@ -148,12 +148,12 @@ def test_a_declaration_with_a_bad_window_fails_when_loading(tmp_path: Path) -> N
 
 
 def test_removing_an_audience_from_the_config_keeps_its_trait(
-    tmp_path: Path, events: Path
+    tmp_path: Path, events: Path, store_url: str
 ) -> None:
     """A removed audience sends nothing: Plotline keeps the trait, as with Engage."""
-    path = write(tmp_path, BUYERS)
+    path = write(tmp_path, BUYERS, store_url)
     sync(path)
-    write(tmp_path, "audiences: []\n")
+    write(tmp_path, "audiences: []\n", store_url)
 
     result = sync(path, now=NOW + timedelta(days=60))
 
@@ -162,17 +162,17 @@ def test_removing_an_audience_from_the_config_keeps_its_trait(
 
 
 def test_unset_on_remove_sends_false_once_then_retires_the_key(
-    tmp_path: Path, events: Path
+    tmp_path: Path, events: Path, store_url: str
 ) -> None:
     """enabled: false with on_remove: unset tells every last-known member, once."""
-    path = write(tmp_path, BUYERS)
+    path = write(tmp_path, BUYERS, store_url)
     sync(path)
-    write(tmp_path, BUYERS + "    enabled: false\n    on_remove: unset\n")
+    write(tmp_path, BUYERS + "    enabled: false\n    on_remove: unset\n", store_url)
 
     unset = sync(path, now=NOW + timedelta(hours=2))
     again = sync(path, now=NOW + timedelta(hours=4))
 
-    engine = open_store(f"sqlite:///{tmp_path / 'store.db'}", read_only=True)
+    engine = open_store(store_url, read_only=True)
     with engine.connect() as connection:
         retired = history.retired_keys(connection)
     engine.dispose()
@@ -187,14 +187,14 @@ def test_unset_on_remove_sends_false_once_then_retires_the_key(
 
 
 def test_a_retired_key_declared_again_starts_with_a_full_sync(
-    tmp_path: Path, events: Path
+    tmp_path: Path, events: Path, store_url: str
 ) -> None:
     """Back from retirement, every member is sent again and the run is full."""
-    path = write(tmp_path, BUYERS)
+    path = write(tmp_path, BUYERS, store_url)
     sync(path)
-    write(tmp_path, BUYERS + "    enabled: false\n    on_remove: unset\n")
+    write(tmp_path, BUYERS + "    enabled: false\n    on_remove: unset\n", store_url)
     sync(path, now=NOW + timedelta(hours=2))
-    write(tmp_path, BUYERS)
+    write(tmp_path, BUYERS, store_url)
 
     back = sync(path, now=NOW + timedelta(hours=4))
 
@@ -206,15 +206,15 @@ def test_a_retired_key_declared_again_starts_with_a_full_sync(
     ]
 
 
-def test_a_trait_unset_sends_null(tmp_path: Path, events: Path) -> None:
+def test_a_trait_unset_sends_null(tmp_path: Path, events: Path, store_url: str) -> None:
     """A computed trait unset on removal sends null to every user that had a value."""
     trait = (
         "traits:\n  - name: Revenue\n    source: warehouse\n"
         "    compute: {sum: revenue, of: Order Completed}\n"
     )
-    path = write(tmp_path, trait)
+    path = write(tmp_path, trait, store_url)
     sync(path)
-    write(tmp_path, trait + "    enabled: false\n    on_remove: unset\n")
+    write(tmp_path, trait + "    enabled: false\n    on_remove: unset\n", store_url)
 
     sync(path, now=NOW + timedelta(hours=2))
 
@@ -231,12 +231,12 @@ def test_a_trait_unset_sends_null(tmp_path: Path, events: Path) -> None:
 
 
 def test_changing_a_definition_sends_only_the_difference(
-    tmp_path: Path, events: Path
+    tmp_path: Path, events: Path, store_url: str
 ) -> None:
     """Editing a condition is an ordinary run: the diff sends what changed."""
-    path = write(tmp_path, BUYERS)
+    path = write(tmp_path, BUYERS, store_url)
     sync(path)
-    write(tmp_path, BUYERS.replace("within: 30d", "within: 120d"))
+    write(tmp_path, BUYERS.replace("within: 30d", "within: 120d"), store_url)
 
     result = sync(path, now=NOW + timedelta(hours=2))
 
