@@ -17,11 +17,12 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -612,24 +613,37 @@ class Run:
 
         # Every planned change is written to history exactly once: acknowledged,
         # rejected, or (when sending stops early) pending.
+        # One transaction between two sends does both bookkeeping steps: it records
+        # the outcomes of the page just sent and marks the next page's users
+        # uncertain before that page leaves, so a page costs one commit.
         recorded_through = 0
+        sent: tuple[list[Message], list[Delivery], int] | None = None
         try:
-            while not self.stop.is_set():
-                with temp_only(connection):
-                    page = snapshots.planned_page(
-                        connection, recorded_through, PAGE_SIZE
-                    )
+            while True:
+                page: Sequence[Any] = []
+                if not self.stop.is_set():
+                    with temp_only(connection):
+                        page = snapshots.planned_page(
+                            connection, sent[2] if sent else recorded_through, PAGE_SIZE
+                        )
+
+                with connection.begin():
+                    # The key must still be ours: a process paused past its lease may
+                    # have sent stale values after another one synced the key. Then
+                    # its users stay uncertain (the next run corrects them) and
+                    # nothing is folded into the snapshot.
+                    if sent or page:
+                        self._check_lease(connection, key)
+                    if sent:
+                        self._record_page(connection, run_id, key, *sent[:2], result)
+                    if page:
+                        snapshots.mark_uncertain(
+                            connection, run_id, key, page[0].id, page[-1].id
+                        )
+                if sent:
+                    recorded_through, sent = sent[2], None
                 if not page:
                     break
-
-                # Before anything leaves: make sure the key is still ours, and mark
-                # the page's users uncertain, so that a crash from here on makes the
-                # next run send them the truth whatever arrived.
-                with connection.begin():
-                    self._check_lease(connection, key)
-                    snapshots.mark_uncertain(
-                        connection, run_id, key, page[0].id, page[-1].id
-                    )
 
                 messages = [builder.build(row.id, row.user_id, row.new) for row in page]
                 try:
@@ -640,16 +654,7 @@ class Run:
                     break
                 result.sent += len(messages)
                 self.progress.sent(key, len(messages))
-
-                with connection.begin():
-                    # A process paused past its lease may have sent stale values
-                    # after another one synced the key: keep them uncertain (the
-                    # next run corrects them) and fold nothing into the snapshot.
-                    self._check_lease(connection, key)
-                    self._record_page(
-                        connection, run_id, key, messages, deliveries, result
-                    )
-                recorded_through = page[-1].id
+                sent = (messages, deliveries, page[-1].id)
         finally:
             with connection.begin():
                 snapshots.leave_pending(
