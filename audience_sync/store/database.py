@@ -24,11 +24,6 @@ TEMP_ONLY = "audience_sync_temp_only"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-def is_sqlite(engine: Engine) -> bool:
-    """Tell whether an engine talks to SQLite."""
-    return engine.dialect.name == "sqlite"
-
-
 def sqlite_path(url: str) -> Path | None:
     """Return the file of a SQLite URL, or None for another database or memory."""
     parsed = make_url(url)
