@@ -15,6 +15,7 @@ from audience_sync.config import Definition
 from audience_sync.errors import ConfigError
 from audience_sync.store.leases import is_gone, utcnow
 from audience_sync.store.schema import changes, definitions, run_keys, runs, snapshot
+from audience_sync.store.snapshot import status_counts
 
 RUN_STATUSES = ("running", "succeeded", "partial", "failed", "interrupted")
 
@@ -234,7 +235,7 @@ def mark_interrupted(connection: Connection, stale_after: float) -> list[int]:
         ).all():
             # Changes are written to history as their outcomes arrive; what the
             # dead process never heard back about is pending.
-            counts = _status_counts(connection, run_id, row.key)
+            counts = status_counts(connection, run_id, row.key)
             acknowledged = counts.get("acknowledged", 0)
             rejected = counts.get("rejected", 0)
             planned = row.entered + row.exited + row.changed + row.resent
@@ -254,15 +255,6 @@ def mark_interrupted(connection: Connection, stale_after: float) -> list[int]:
             .values(status="interrupted", finished_at=now, error="the process stopped")
         )
     return dead
-
-
-def _status_counts(connection: Connection, run_id: int, key: str) -> dict[str, int]:
-    rows = connection.execute(
-        select(changes.c.status, func.count())
-        .where(changes.c.run_id == run_id, changes.c.key == key)
-        .group_by(changes.c.status)
-    ).all()
-    return {status: count for status, count in rows}
 
 
 # ---------------------------------------------------------------------------
