@@ -26,8 +26,15 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from audience_sync import __version__
 from audience_sync.config import Config, config_path, load_config
+from audience_sync.declarations import DeclarationError, check_declaration
 from audience_sync.durations import parse_duration
-from audience_sync.errors import EXIT_USAGE, AudienceSyncError, StoreError, UsageError
+from audience_sync.errors import (
+    EXIT_USAGE,
+    AudienceSyncError,
+    ConfigError,
+    StoreError,
+    UsageError,
+)
 from audience_sync.logs import LogFormat, setup_logging
 from audience_sync.progress import BarProgress, LogProgress
 from audience_sync.runner import RunOptions, RunResult, run_once
@@ -687,6 +694,13 @@ def explain_command(context: Context, key: str, now_text: str | None) -> None:
     now = _parse_now(now_text)
     sources = Sources(config.sources)
     try:
+        if definition.declaration is not None:
+            source = config.sources[definition.source]
+            try:
+                with sources.engine(definition.source).connect() as connection:
+                    check_declaration(definition.declaration, source.events, connection)
+            except DeclarationError as exc:
+                raise ConfigError(f"{definition.label}: {exc}") from None
         sql = sources.sql(definition, now)
         counts = ReadCounts()
         users = sum(len(batch) for batch in sources.read(definition, now, counts))

@@ -38,7 +38,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from audience_sync.store.schema import MAX_USER_ID, snapshot, uncertain
+from audience_sync.store.schema import (
+    MAX_USER_ID,
+    USER_ID_WHITESPACE,
+    snapshot,
+    uncertain,
+)
 
 _temporary = MetaData()
 
@@ -173,7 +178,18 @@ def stage_from_query(
     else:
         rows = query.subquery("source_rows")
 
-    user_id = func.coalesce(func.trim(cast(rows.c.user_id, Text)), literal(""))
+    # Cleaned as Python cleans what it reads: ASCII whitespace trimmed, and ids the
+    # store cannot keep (NUL-bearing, binary) turned blank so that they are skipped.
+    text_id = cast(rows.c.user_id, Text)
+    if connection.dialect.name == "postgresql":
+        trimmed: Any = func.btrim(text_id, literal(USER_ID_WHITESPACE))
+    else:
+        trimmed = case(
+            (func.typeof(rows.c.user_id) == "blob", literal("")),
+            (func.instr(text_id, func.char(0)) > 0, literal("")),
+            else_=func.trim(text_id, literal(USER_ID_WHITESPACE)),
+        )
+    user_id = func.coalesce(trimmed, literal(""))
     if kind == "audience":
         value: Any = literal("true")
         where: Any = true()
@@ -231,7 +247,7 @@ def diff_select(
 
     A user marked uncertain (a message to them may or may not have arrived) is
     always in the diff, with the truth as it is now: `resent` when it equals the
-    snapshot, `exited` with the absent value when they are in neither.
+    snapshot, or when they are in neither (then with the absent value).
 
     Args:
         key: the key whose snapshot the staged rows are compared with.
@@ -274,10 +290,11 @@ def diff_select(
         ~exists().where(staged.c.user_id == snapshot.c.user_id),
     )
 
-    # In neither the source nor the snapshot, but a value may have reached them.
+    # In neither the source nor the snapshot, but a value may have reached them:
+    # re-send "not in it". Not an exit (nobody leaves), so the guard ignores it.
     unknown = select(
         uncertain.c.user_id,
-        literal("exited").label("kind"),
+        literal("resent").label("kind"),
         literal(absent).label("old"),
         literal(absent).label("new"),
     ).where(

@@ -140,6 +140,10 @@ class _Stopped(Exception):
     """A shutdown request arrived while a key was being read."""
 
 
+class _LeaseLost(Exception):
+    """Another process took over the key's lease while this one was sending."""
+
+
 def _run_status(keys: list[KeyResult]) -> str:
     if all(k.status in ("succeeded", "dry-run", "retired") for k in keys):
         return "succeeded"
@@ -171,6 +175,7 @@ class Run:
         self._lost: set[str] = set()
         self._fresh: set[str] = set()  # keys declared again after being retired
         self._owner = ""
+        self._absent = "false"  # the absent value of the key being sent
         self.progress: RunProgress = progress or NoProgress()
 
     def execute(self) -> RunResult:
@@ -607,6 +612,7 @@ class Run:
         result: KeyResult,
     ) -> None:
         key = definition.key
+        self._absent = absent_value(definition)
         builder = MessageBuilder(
             definition, computation_id, run_id, self.options.now, self.config.personas
         )
@@ -627,19 +633,36 @@ class Run:
                             connection, sent[2] if sent else recorded_through, PAGE_SIZE
                         )
 
-                with connection.begin():
-                    # The key must still be ours: a process paused past its lease may
-                    # have sent stale values after another one synced the key. Then
-                    # its users stay uncertain (the next run corrects them) and
-                    # nothing is folded into the snapshot.
-                    if sent or page:
-                        self._check_lease(connection, key)
+                try:
+                    with connection.begin():
+                        # The lease is checked in the transaction that records.
+                        if (sent or page) and not self._still_ours(connection, key):
+                            raise _LeaseLost
+                        if sent:
+                            self._record_page(
+                                connection, run_id, key, *sent[:2], result
+                            )
+                        if page:
+                            snapshots.mark_uncertain(
+                                connection, run_id, key, page[0].id, page[-1].id
+                            )
+                except _LeaseLost:
+                    # A process paused past its lease may have sent stale values
+                    # after another one synced the key (and cleared their marks).
+                    # Mark the users it sent to uncertain again, so that the next
+                    # run sends them the truth, and fold nothing into the snapshot.
                     if sent:
-                        self._record_page(connection, run_id, key, *sent[:2], result)
-                    if page:
-                        snapshots.mark_uncertain(
-                            connection, run_id, key, page[0].id, page[-1].id
-                        )
+                        with connection.begin():
+                            snapshots.mark_uncertain(
+                                connection,
+                                run_id,
+                                key,
+                                sent[0][0].change_id,
+                                sent[0][-1].change_id,
+                            )
+                    raise SyncError(
+                        f"lost the lease of {key!r} to another process; stopped"
+                    ) from None
                 if sent:
                     recorded_through, sent = sent[2], None
                 if not page:
@@ -661,10 +684,11 @@ class Run:
                     connection, run_id, key, after_id=recorded_through
                 )
 
-    def _check_lease(self, connection: Connection, key: str) -> None:
-        """Stop sending a key whose lease another process has taken over."""
-        if key in self._lost or not snapshots.holds_lease(connection, key, self._owner):
-            raise SyncError(f"lost the lease of {key!r} to another process; stopped")
+    def _still_ours(self, connection: Connection, key: str) -> bool:
+        """Tell whether this process still holds the lease of a key."""
+        return key not in self._lost and snapshots.holds_lease(
+            connection, key, self._owner
+        )
 
     def _record_page(
         self,
@@ -691,7 +715,7 @@ class Run:
                 )
             else:
                 pending.append(message.change_id)
-        snapshots.acknowledge(connection, run_id, key, acknowledged)
+        snapshots.acknowledge(connection, run_id, key, acknowledged, self._absent)
         snapshots.leave_pending(connection, run_id, key, pending)
 
         result.acknowledged += len(acknowledged)

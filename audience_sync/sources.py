@@ -42,7 +42,7 @@ from audience_sync.declarations import (
 from audience_sync.diff import stage_from_query
 from audience_sync.errors import SourceError
 from audience_sync.store.database import file_uri, sqlite_path
-from audience_sync.store.schema import MAX_USER_ID
+from audience_sync.store.schema import MAX_USER_ID, USER_ID_WHITESPACE
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def encode_value(value: Any) -> str | None:
 def clean_user_id(user_id: Any) -> str | None:
     """Trim a user id; None for a null, blank, over-long or NUL-bearing one."""
     if type(user_id) is str:  # the common case, checked first and cheaply
-        cleaned = user_id.strip()
+        cleaned = user_id.strip(USER_ID_WHITESPACE)
         if cleaned and len(cleaned) <= MAX_USER_ID and "\x00" not in cleaned:
             return cleaned
         return None
@@ -109,7 +109,9 @@ def clean_user_id(user_id: Any) -> str | None:
             user_id = bytes(user_id).decode("utf-8")
         except UnicodeDecodeError:
             return None
-    cleaned = (user_id if isinstance(user_id, str) else str(user_id)).strip()
+    cleaned = (user_id if isinstance(user_id, str) else str(user_id)).strip(
+        USER_ID_WHITESPACE
+    )
     # PostgreSQL cannot store NUL in text; no destination would want it either.
     if not cleaned or len(cleaned) > MAX_USER_ID or "\x00" in cleaned:
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -174,8 +175,35 @@ def test_an_echoed_authorization_header_is_redacted() -> None:
     )
     token = base64.b64encode(b"AK_SECRET:").decode()
 
-    redacted = transport._redact(f"bad auth Basic {token} / AK_SECRET")
+    redacted = transport._redact(
+        f"Basic {token} / AK_SECRET / {token.rstrip('=')} / basic {token.lower()}"
+        f" / {token.replace('=', '%3D')}"
+    )
     transport.close()
 
     assert "AK_SECRET" not in redacted
-    assert token not in redacted
+    assert token.rstrip("=").lower() not in redacted.lower()
+    assert redacted.count("***") == 5
+
+
+def test_staging_inside_sqlite_cleans_ids_as_python_does(tmp_path: Path) -> None:
+    """An attached SQLite source: whitespace trimmed, NUL and binary ids skipped."""
+    with sqlite3.connect(tmp_path / "w.db") as db:
+        db.execute("CREATE TABLE m (user_id)")
+        db.executemany(
+            "INSERT INTO m VALUES (?)",
+            [("\tok2\n",), ("\t\n",), ("bad\x00nul",), (b"\x00\xff",), ("ok1",)],
+        )
+    db.close()
+    (tmp_path / "config.yaml").write_text(
+        HEAD + "store: sqlite:///store.db\nsources: {w: 'sqlite:///w.db'}\n"
+        "audiences:\n  - {name: M, source: w, query: SELECT user_id FROM m}\n"
+    )
+    config = ["--config", str(tmp_path / "config.yaml")]
+
+    ran = CliRunner().invoke(cli, [*config, "run", "--run-now", "--json"])
+    shown = CliRunner().invoke(cli, [*config, "members", "m", "--json"])
+
+    assert ran.exit_code == 0, ran.output
+    assert '"skipped": 3' in ran.output
+    assert [m["user_id"] for m in json.loads(shown.output)] == ["ok1", "ok2"]

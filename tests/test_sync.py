@@ -442,6 +442,39 @@ def test_a_change_whose_fate_is_unknown_is_corrected_later(
     )
 
     assert lost.keys[0].pending == 1
-    assert fixed.keys[0].diff.exited == 1
+    assert (fixed.keys[0].diff.resent, fixed.keys[0].diff.exited) == (1, 0)
     assert destination.state == {"u1": {"beta_testers": False}}
     assert settled.keys[0].diff.total == 0
+
+
+def test_correcting_uncertain_users_does_not_trip_the_guard(
+    make_config: Any, warehouse: Warehouse
+) -> None:
+    """Undoing many unacknowledged entries is not a collapse: nobody leaves."""
+    destination = Destination()
+    config = make_config()
+    warehouse.set_members("Beta Testers", [f"m{i}" for i in range(150)])
+    run_once(config, RunOptions(now=NOW), transport_factory=lambda: destination)
+    warehouse.set_members(
+        "Beta Testers", [f"m{i}" for i in range(150)] + [f"n{i}" for i in range(200)]
+    )
+    destination.answer = PENDING
+    run_once(
+        config,
+        RunOptions(now=NOW + timedelta(hours=1)),
+        transport_factory=lambda: destination,
+    )
+    warehouse.set_members("Beta Testers", [f"m{i}" for i in range(150)])
+    destination.answer = ACKNOWLEDGED
+
+    fixed = run_once(
+        config,
+        RunOptions(now=NOW + timedelta(hours=2)),
+        transport_factory=lambda: destination,
+    )
+
+    assert fixed.keys[0].status == "succeeded"
+    assert (fixed.keys[0].diff.exited, fixed.keys[0].diff.resent) == (0, 200)
+    assert {u for u, t in destination.state.items() if t["beta_testers"]} == {
+        f"m{i}" for i in range(150)
+    }

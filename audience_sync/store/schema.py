@@ -46,6 +46,9 @@ metadata = MetaData(naming_convention=NAMING_CONVENTION)
 # The longest user id stored or sent; a longer one is skipped and counted.
 MAX_USER_ID = 255
 
+# What is trimmed from both ends of a user id, the same in Python and in SQL.
+USER_ID_WHITESPACE = " \t\n\r\f\v"
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """A timestamp that is stored in UTC and always comes back timezone-aware."""

@@ -78,7 +78,11 @@ def _record(
 
 
 def acknowledge(
-    connection: Connection, run_id: int, key: str, change_ids: Sequence[int]
+    connection: Connection,
+    run_id: int,
+    key: str,
+    change_ids: Sequence[int],
+    absent: str,
 ) -> None:
     """Record acknowledged changes in history and fold them into the snapshot.
 
@@ -92,7 +96,7 @@ def acknowledge(
         entering = _upsert(connection).from_select(
             ["key", "user_id", "value", "run_id"],
             select(literal(key), planned.c.user_id, planned.c.new, literal(run_id))
-            .where(in_range, planned.c.kind != "exited")
+            .where(in_range, planned.c.new != absent)
             .order_by(planned.c.id),
         )
         connection.execute(
@@ -109,9 +113,7 @@ def acknowledge(
             snapshot.delete().where(
                 snapshot.c.key == key,
                 snapshot.c.user_id.in_(
-                    select(planned.c.user_id).where(
-                        in_range, planned.c.kind == "exited"
-                    )
+                    select(planned.c.user_id).where(in_range, planned.c.new == absent)
                 ),
             )
         )

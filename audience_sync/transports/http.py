@@ -24,6 +24,7 @@ import ipaddress
 import logging
 import math
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -32,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 import orjson
@@ -485,6 +486,11 @@ class HttpTransport:
         secret = self._key.get_secret_value()
         if not secret:
             return text
-        # Also the Authorization header's form of it, should a server echo that.
+        # Also the Authorization header's forms of it, should a server echo that:
+        # base64 with or without padding, URL-encoded, in any case.
         token = base64.b64encode(f"{secret}:".encode()).decode()
-        return text.replace(token, "***").replace(secret, "***")
+        forms = {secret, token, token.rstrip("="), quote(token, safe=""), quote(secret)}
+        pattern = "|".join(
+            re.escape(form) for form in sorted(forms, key=len, reverse=True)
+        )
+        return re.sub(pattern, "***", text, flags=re.IGNORECASE)
